@@ -6,8 +6,15 @@ without catching unrelated bugs.
 """
 
 
-class EngineError(Exception):
-    """Base class of all errors the engine raises on purpose."""
+from kernels.errors import ConfigurationError, EngineError
+
+__all__ = [
+    "CheckpointError",
+    "ConfigurationError",
+    "EngineError",
+    "SequenceTooLongError",
+    "UnsupportedArchitectureError",
+]
 
 
 class UnsupportedArchitectureError(EngineError, ValueError):
@@ -16,10 +23,6 @@ class UnsupportedArchitectureError(EngineError, ValueError):
 
 class CheckpointError(EngineError, OSError):
     """A weight or config file is missing, unreadable, corrupt or inconsistent."""
-
-
-class ConfigurationError(EngineError, ValueError):
-    """An argument given to the engine is invalid (unknown module name, bad rank, ...)."""
 
 
 class SequenceTooLongError(EngineError, ValueError):

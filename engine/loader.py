@@ -1,0 +1,289 @@
+"""``FastModel``: load a model and tokenizer, add LoRA, switch between training and inference.
+
+The public entry points mirror what Unsloth users type::
+
+    model, tokenizer = FastModel.from_pretrained("path/or/hub-id", max_seq_length=2048, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import CheckpointError, ConfigurationError
+from engine.loading.safetensors_loader import iter_safetensors, load_hf_config, safetensors_files
+from engine.loading.weights import load_weights
+from engine.models.config import model_args_from_hf_config
+from engine.models.transformer import CausalLM
+from engine.peft import LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """``dtype=None`` picks bf16 where the hardware computes it natively, else fp16 on GPUs, fp32 on CPUs."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ConfigurationError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        return _DTYPES[dtype.lower()]
+    if dtype is not None:
+        raise ConfigurationError(f"dtype must be a torch.dtype, a string or None, got {dtype!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
+
+
+def _resolve_source(model_name: str, token: str | None, revision: str | None) -> Path:
+    """A local path for ``model_name``: itself if it exists, else a hub download."""
+    path = Path(model_name).expanduser()
+    if path.exists():
+        return path
+    if path.suffix == ".gguf" or os.sep in model_name and model_name.count("/") > 1 or model_name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{model_name} does not exist. Check the path.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(
+            snapshot_download(
+                model_name,
+                revision=revision,
+                token=token,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except HFValidationError as err:
+        raise CheckpointError(f"{model_name!r} is neither an existing path nor a valid hub id ({err})") from err
+    except OSError as err:  # network errors, missing repos and gated models all derive from OSError
+        raise CheckpointError(
+            f"could not download {model_name!r} from the Hugging Face hub: {err}. Check the name, your network "
+            "and your token, or pass a local folder / .gguf file instead."
+        ) from err
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"could not load a tokenizer from {folder}: {err}") from err
+
+
+class FastModel:
+    """Namespace of the engine's model-level entry points (Unsloth-compatible names)."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str | os.PathLike,
+        max_seq_length: int = 2048,
+        dtype: torch.dtype | str | None = None,
+        load_in_4bit: bool = False,
+        *,
+        double_quant: bool = True,
+        device: torch.device | str | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        verbose: bool = True,
+        **unused,
+    ):
+        """Load a model and its tokenizer.
+
+        Args:
+            model_name: a Hugging Face model folder (config.json + safetensors, sharded or not),
+                a ``.gguf`` file (weights dequantized; tokenizer and chat template from the file),
+                a folder holding a saved LoRA adapter (its base model is loaded first), or a hub id.
+            max_seq_length (int): longest sequence the model accepts.
+            dtype: ``torch.float32``/``float16``/``bfloat16`` or their names; ``None`` picks bf16
+                where the hardware supports it, else fp16 on GPUs and fp32 on CPUs.
+            load_in_4bit (bool): store the decoder's projection weights as NF4 (QLoRA).
+            double_quant (bool): with ``load_in_4bit``, also quantize the NF4 scales.
+            device: where the model goes (default CUDA if available, else CPU).
+            token, revision: for hub downloads.
+            verbose (bool): print a one-line summary (architecture, dtype, memory footprint).
+
+        Returns:
+            ``(model, tokenizer)``: a :class:`~engine.models.transformer.CausalLM` and a transformers tokenizer.
+
+        Raises:
+            UnsupportedArchitectureError, CheckpointError, ConfigurationError: with what to do.
+        """
+        for key in unused:
+            if key not in ("trust_remote_code", "device_map", "load_in_8bit", "fix_tokenizer", "full_finetuning"):
+                raise ConfigurationError(f"from_pretrained() got an unexpected argument {key!r}")
+        if unused.get("load_in_8bit"):
+            raise ConfigurationError("load_in_8bit is not supported; use load_in_4bit=True or a 16-bit dtype")
+        if max_seq_length <= 0:
+            raise ConfigurationError(f"max_seq_length must be positive, got {max_seq_length}")
+        device = torch.device(device) if device is not None else default_device()
+        torch_dtype = resolve_dtype(dtype, device)
+        source = _resolve_source(str(model_name), token, revision)
+
+        if source.is_dir() and (source / "adapter_config.json").is_file():
+            return FastModel._from_adapter(source, max_seq_length, torch_dtype, load_in_4bit, double_quant, device, token, verbose)
+
+        if source.suffix == ".gguf":
+            from engine.loading.gguf_reader import load_gguf_tokenizer, read_gguf_checkpoint
+
+            checkpoint = read_gguf_checkpoint(source)
+            hf_config = checkpoint.config
+            tensors = iter(checkpoint.state_dict.items())
+            tokenizer = load_gguf_tokenizer(source)
+        elif source.is_dir():
+            hf_config = load_hf_config(source)
+            model_args_from_hf_config(hf_config)  # architecture check before touching weights
+            tensors = iter_safetensors(safetensors_files(source), device="cpu")
+            tokenizer = _load_tokenizer(source) if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file() else None
+        else:
+            raise CheckpointError(f"{source} is neither a model folder nor a .gguf file")
+
+        args = model_args_from_hf_config(hf_config)
+        with torch.device("meta"):
+            model = CausalLM(args, max_seq_length=max_seq_length, dtype=torch_dtype)
+        load_weights(
+            model, tensors, dtype=torch_dtype, device=device, load_in_4bit=load_in_4bit, double_quant=double_quant, source=str(source)
+        )
+        model.hf_config = hf_config
+        model.name_or_path = str(model_name)
+        model.eval()
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if verbose:
+            print(
+                f"engine: loaded {args.model_type} ({args.num_layers} layers, hidden {args.hidden_size}) from {source.name} "
+                f"| {str(torch_dtype).replace('torch.', '')}{' + NF4 4-bit' if load_in_4bit else ''} on {device} "
+                f"| memory footprint {model.get_memory_footprint() / 2**20:.1f} MiB"
+            )
+        return model, tokenizer
+
+    @staticmethod
+    def _from_adapter(folder, max_seq_length, dtype, load_in_4bit, double_quant, device, token, verbose):
+        from safetensors.torch import load_file
+
+        config = json.loads((folder / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise CheckpointError(f"{folder}/adapter_config.json does not name its base model (base_model_name_or_path)")
+        model, tokenizer = FastModel.from_pretrained(
+            base, max_seq_length, dtype, load_in_4bit, double_quant=double_quant, device=device, token=token, verbose=verbose
+        )
+        FastModel.load_adapter(model, folder)
+        if (folder / "tokenizer_config.json").is_file():
+            tokenizer = _load_tokenizer(folder)
+        return model, tokenizer
+
+    @staticmethod
+    def load_adapter(model, adapter_dir: str | os.PathLike):
+        """Load a PEFT-format LoRA adapter (ours or PEFT's) into ``model``, adding adapters first if it has none."""
+        from safetensors.torch import load_file
+
+        from engine.peft import lora_modules
+
+        folder = Path(adapter_dir)
+        config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise CheckpointError(f"{folder} needs adapter_config.json and adapter_model.safetensors")
+        config = json.loads(config_path.read_text())
+        if config.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is supported")
+        if not lora_modules(model):
+            FastModel.get_peft_model(
+                model,
+                r=config["r"],
+                lora_alpha=config["lora_alpha"],
+                lora_dropout=config.get("lora_dropout", 0.0),
+                target_modules=config["target_modules"],
+                use_rslora=config.get("use_rslora", False),
+                use_gradient_checkpointing=False,
+            )
+        load_adapter_state_dict(model, load_file(str(weights_path)), source=str(weights_path))
+        return model
+
+    @staticmethod
+    def get_peft_model(
+        model: CausalLM,
+        r: int = 16,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        use_rslora: bool = False,
+        use_gradient_checkpointing: bool | str = True,
+        random_state: int = 3407,
+        bias: str = "none",
+        **unused,
+    ) -> CausalLM:
+        """Freeze the base model and add LoRA adapters (PEFT-compatible initialisation and scaling).
+
+        Args:
+            model: from :meth:`from_pretrained`.
+            r (int): adapter rank. lora_alpha (float): scale numerator (``alpha / r``).
+            lora_dropout (float): dropout on the adapters' input.
+            target_modules: projection names, or ``"all-linear"``.
+            use_rslora (bool): scale by ``alpha / sqrt(r)``.
+            use_gradient_checkpointing: ``True`` recomputes each decoder layer in backward;
+                ``"smart"`` also offloads each layer's saved input to CPU memory on CUDA.
+            random_state (int): seed of the adapter initialisation.
+            bias (str): only ``"none"`` (biases stay frozen).
+
+        Returns:
+            The same model object, now with trainable adapters.
+        """
+        for key in unused:
+            if key not in ("max_seq_length", "loftq_config", "init_lora_weights", "modules_to_save"):
+                raise ConfigurationError(f"get_peft_model() got an unexpected argument {key!r}")
+        if unused.get("modules_to_save"):
+            raise ConfigurationError("modules_to_save is not supported yet; train adapters on projections only")
+        if bias != "none":
+            raise ConfigurationError(f"bias={bias!r} is not supported; only bias='none'")
+        settings = LoraSettings(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=resolve_target_modules(target_modules),
+            use_rslora=use_rslora,
+        )
+        add_lora(model, settings, random_state=random_state)
+        FastModel.set_gradient_checkpointing(model, use_gradient_checkpointing)
+        model.train()
+        return model
+
+    @staticmethod
+    def set_gradient_checkpointing(model: CausalLM, mode: bool | str) -> None:
+        """``False``, ``True`` (recompute each layer) or ``"smart"`` (recompute + offload layer inputs on CUDA)."""
+        if mode not in (False, True, "smart", "unsloth"):
+            raise ConfigurationError(f"use_gradient_checkpointing must be False, True or 'smart', got {mode!r}")
+        model.gradient_checkpointing = "smart" if mode == "unsloth" else mode
+
+    @staticmethod
+    def for_inference(model: CausalLM) -> CausalLM:
+        """Evaluation mode: no dropout, no checkpointing overhead (generation uses the KV cache)."""
+        model.eval()
+        return model
+
+    @staticmethod
+    def for_training(model: CausalLM) -> CausalLM:
+        """Training mode (dropout and gradient checkpointing as configured)."""
+        model.train()
+        return model
+
+
+#: Unsloth's older name for the same entry points.
+FastLanguageModel = FastModel

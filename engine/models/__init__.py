@@ -1,0 +1,1 @@
+"""Model families implemented by the engine."""

@@ -1,0 +1,167 @@
+"""The engine's description of a decoder-only model, built from a Hugging Face config.
+
+Supported families share one implementation (:mod:`engine.models.transformer`);
+what differs between them is captured here as plain fields:
+
+============  ============================================================
+family        differences from Llama
+============  ============================================================
+llama         (reference) Llama 1/2/3/3.1, SmolLM2, TinyLlama, ...
+mistral       sliding-window attention (``sliding_window``)
+qwen2         bias on q/k/v projections; optional sliding window on upper layers
+qwen3         RMSNorm on each head of q and k (``qk_norm``); explicit ``head_dim``
+============  ============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.errors import UnsupportedArchitectureError
+
+#: transformers ``model_type`` values the engine implements.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of a decoder-only model (all a forward pass needs).
+
+    Attributes:
+        model_type: one of :data:`SUPPORTED_MODEL_TYPES`.
+        vocab_size, hidden_size, intermediate_size, num_layers: sizes.
+        num_heads, num_kv_heads, head_dim: attention geometry (GQA when ``num_kv_heads < num_heads``).
+        rms_norm_eps: epsilon of every RMSNorm.
+        qkv_bias: bias on q/k/v projections; ``o_bias``: on the output projection; ``mlp_bias``: on the MLP.
+        qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
+        sliding_windows: per layer, the attention window or ``None`` for full causal attention.
+        tie_word_embeddings: ``lm_head`` shares the input embedding matrix.
+        inv_freq: fp32 ``[head_dim // 2]`` RoPE inverse frequencies (scaling already applied).
+        rope_attention_scaling: multiplier of cos/sin (1.0 except for some RoPE scalings).
+        max_position_embeddings: context length the model was trained with.
+        bos/eos/pad_token_id: special token ids from the config (eos may be a list).
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    inv_freq: torch.Tensor
+    rope_attention_scaling: float = 1.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: list[int | None] = field(default_factory=list)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+
+def _rope_parameters(hf_config) -> dict:
+    """RoPE settings as one dict, whichever transformers version wrote the config."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return dict(params)
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    scaling["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    return scaling
+
+
+def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies ``[head_dim // 2]`` and cos/sin scaling for a config.
+
+    Implements ``default``, ``linear`` and ``llama3`` (Llama-3.1) scaling here; other types
+    are computed by transformers' public ``ROPE_INIT_FUNCTIONS`` table.
+    """
+    params = _rope_parameters(hf_config)
+    rope_type = params.get("rope_type", "default")
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"]), 1.0
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_context = float(params["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedArchitectureError(f"RoPE scaling type {rope_type!r} is not supported")
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv.float(), float(scaling)
+
+
+def model_args_from_hf_config(hf_config) -> ModelArgs:
+    """Translate a transformers config into :class:`ModelArgs`.
+
+    Raises:
+        UnsupportedArchitectureError: for a ``model_type`` outside :data:`SUPPORTED_MODEL_TYPES`.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported. The engine supports the decoder-only families "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (and Llama-shaped models such as SmolLM2, TinyLlama). "
+            "Use one of those, or open an issue asking for this architecture."
+        )
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    if getattr(hf_config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise UnsupportedArchitectureError(
+            f"activation {hf_config.hidden_act!r} is not supported (only SwiGLU MLPs with silu)"
+        )
+    inv_freq, attention_scaling = rope_inverse_frequencies(hf_config, head_dim)
+    num_layers = hf_config.num_hidden_layers
+    windows: list[int | None] = [None] * num_layers
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if window is not None:
+        if layer_types is not None:
+            windows = [window if t == "sliding_attention" else None for t in layer_types]
+        elif model_type == "mistral":
+            windows = [window] * num_layers
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    return ModelArgs(
+        model_type=model_type,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        inv_freq=inv_freq,
+        rope_attention_scaling=attention_scaling,
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
+        o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_windows=windows,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
+        eos_token_id=getattr(hf_config, "eos_token_id", None),
+        pad_token_id=getattr(hf_config, "pad_token_id", None),
+    )

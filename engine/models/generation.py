@@ -1,0 +1,147 @@
+"""Autoregressive generation with a preallocated KV cache (greedy or sampling, stops at EOS)."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.errors import ConfigurationError
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_length`` positions.
+
+    Args:
+        num_layers, batch_size, num_kv_heads, head_dim, max_length: sizes.
+        device, dtype: storage.
+
+    Each layer's keys are ``[b, kv, max_length, hd]``; ``length`` positions are filled.
+    """
+
+    def __init__(self, num_layers, batch_size, num_kv_heads, head_dim, max_length, device, dtype):
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.length = 0
+        self.max_length = max_length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Store new keys/values ``[b, kv, s, hd]`` after the cached ones.
+
+        Returns:
+            ``(keys, values, q_offset)``: all keys/values so far ``[b, kv, length + s, hd]`` and the
+            slot of the first new token.
+        """
+        s = k.shape[2]
+        end = self.length + s
+        if end > self.max_length:
+            raise ConfigurationError(f"KV cache holds {self.max_length} positions; {end} were needed")
+        self.keys[layer_idx][:, :, self.length : end] = k
+        self.values[layer_idx][:, :, self.length : end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end], self.length
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions as filled (after every layer stored them)."""
+        self.length += n
+
+
+def _as_id_set(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _pick_next(logits, do_sample, temperature, top_k, top_p, generator):
+    """Choose next tokens from ``logits [b, V]``."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already cover top_p
+        drop = (probs.cumsum(-1) - probs) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    **unused,
+) -> torch.Tensor:
+    """Generate continuations of a (left-padded) batch of prompts.
+
+    Args:
+        model (CausalLM): the model.
+        input_ids (Tensor): ``[b, s]`` prompts, left-padded when of different lengths.
+        attention_mask (Tensor, optional): ``[b, s]``, 0 on padding.
+        max_new_tokens (int): most tokens to add.
+        do_sample (bool): sample (with ``temperature``, ``top_k``, ``top_p``) instead of greedy argmax.
+        eos_token_id: token(s) that end a sequence; defaults to the model config's.
+        pad_token_id: written after a sequence ended; defaults to the first EOS id (or 0).
+        seed (int, optional): seed of the sampling generator.
+
+    Returns:
+        Tensor ``[b, s + n]``: the prompts followed by the generated tokens (``n <= max_new_tokens``).
+    """
+    for key in unused:
+        if key not in ("use_cache", "streamer", "generation_config", "num_beams"):
+            raise ConfigurationError(f"generate() got an unexpected argument {key!r}")
+    if unused.get("num_beams", 1) != 1:
+        raise ConfigurationError("beam search is not supported; use greedy (do_sample=False) or sampling")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    input_ids = input_ids.to(model.device)
+    b, s = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(model.device).long()
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ConfigurationError(
+            "the prompts are right-padded; generation needs left padding (set tokenizer.padding_side = 'left')"
+        )
+    eos_ids = _as_id_set(eos_token_id if eos_token_id is not None else model.args.eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    max_new_tokens = min(max_new_tokens, model.max_seq_length - s)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    args = model.args
+    cache = KVCache(args.num_layers, b, args.num_kv_heads, args.head_dim, s + max_new_tokens, model.device, model.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+        cache.advance(s)
+        tokens = [input_ids]
+        finished = torch.zeros(b, dtype=torch.bool, device=model.device)
+        eos = torch.tensor(eos_ids, device=model.device, dtype=torch.long)
+        for step in range(max_new_tokens):
+            nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt[:, None])
+            if len(eos_ids):
+                finished |= torch.isin(nxt, eos)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = model(nxt[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+            cache.advance(1)
+    finally:
+        model.train(was_training)
+    return torch.cat(tokens, dim=1)

