@@ -56,7 +56,8 @@ def _resolve_source(model_name: str, token: str | None, revision: str | None) ->
     path = Path(model_name).expanduser()
     if path.exists():
         return path
-    if path.suffix == ".gguf" or os.sep in model_name and model_name.count("/") > 1 or model_name.startswith((".", "/", "~")):
+    looks_like_path = path.suffix == ".gguf" or model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+    if looks_like_path:  # hub ids are "name" or "org/name"
         raise CheckpointError(f"{model_name} does not exist. Check the path.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -176,8 +177,6 @@ class FastModel:
 
     @staticmethod
     def _from_adapter(folder, max_seq_length, dtype, load_in_4bit, double_quant, device, token, verbose):
-        from safetensors.torch import load_file
-
         config = json.loads((folder / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if not base:

@@ -124,3 +124,18 @@ def test_bad_dtype_and_kernel_backend(hf_folders, monkeypatch):
 def test_all_errors_share_a_base_class():
     for cls in (CheckpointError, ConfigurationError, SequenceTooLongError, UnsupportedArchitectureError):
         assert issubclass(cls, EngineError)
+
+
+def test_hub_id_without_network_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="could not download 'some-org/some-model'"):
+        FastModel.from_pretrained("some-org/some-model", verbose=False)
+
+
+def test_default_dtype_follows_the_hardware():
+    from engine.loader import resolve_dtype
+
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported()
+    assert resolve_dtype(None, torch.device("cpu")) == (torch.bfloat16 if cpu_bf16 else torch.float32)
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
