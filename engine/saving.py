@@ -76,6 +76,34 @@ def _merged_tensors(model, dtype: torch.dtype):
         yield name, param.detach().to(dtype)
 
 
+def _write_shards(tensors, out: Path, limit: int) -> list[tuple[str, list[str], int]]:
+    """Write ``(name, tensor)`` pairs into safetensors files of at most ``limit`` bytes (one tensor may exceed it).
+
+    Returns:
+        ``[(file name, tensor names, bytes)]`` per shard, files named ``shard-00001.safetensors``, ...
+    """
+    shards: list[tuple[str, list[str], int]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        name = f"shard-{len(shards) + 1:05d}.safetensors"
+        save_file(current, str(out / name), metadata={"format": "pt"})
+        shards.append((name, list(current), size))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            flush()
+        current[name] = tensor.contiguous().cpu()
+        size += nbytes
+    if current:
+        flush()
+    return shards
+
+
 def save_pretrained_merged(
     model,
     save_directory: str | os.PathLike,
@@ -107,43 +135,17 @@ def save_pretrained_merged(
             dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = []
-    current: dict[str, torch.Tensor] = {}
-    current_bytes = 0
-    weight_map: dict[str, str] = {}
-    total = 0
-
-    def flush(final: bool) -> None:
-        nonlocal current, current_bytes
-        if not current:
-            return
-        shards.append(dict.fromkeys(current))  # keep names only; tensors are written now
-        index = len(shards)
-        name = f"model-{index:05d}.safetensors"
-        save_file(current, str(out / name), metadata={"format": "pt"})
-        for key in current:
-            weight_map[key] = name
-        current, current_bytes = {}, 0
-
-    for name, tensor in _merged_tensors(model, dtype):
-        size = tensor.numel() * tensor.element_size()
-        if current and current_bytes + size > limit:
-            flush(False)
-        current[name] = tensor.contiguous().cpu()
-        current_bytes += size
-        total += size
-    flush(True)
-    if len(shards) == 1:
-        (out / "model-00001.safetensors").rename(out / "model.safetensors")
+    shard_files = _write_shards(_merged_tensors(model, dtype), out, _parse_size(max_shard_size))
+    if len(shard_files) == 1:
+        (out / shard_files[0][0]).rename(out / "model.safetensors")
     else:
-        count = len(shards)
-        renamed = {}
-        for i in range(1, count + 1):
-            old, new = f"model-{i:05d}.safetensors", f"model-{i:05d}-of-{count:05d}.safetensors"
-            (out / old).rename(out / new)
-            renamed[old] = new
-        index = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+        count, weight_map, total = len(shard_files), {}, 0
+        for i, (name, keys, size) in enumerate(shard_files, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            (out / name).rename(out / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            total += size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = model.hf_config.to_dict()
     config["torch_dtype"] = _DTYPE_NAMES[dtype]
