@@ -58,12 +58,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd Function for the chunked loss; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, softcap, num_items_in_batch, chunk_size):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, softcap, num_items_in_batch, chunk_size, grad_enabled):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         chunk = chunk_size or default_chunk_size(n_tokens, vocab)
         denom = _denominator(labels, ignore_index, reduction, num_items_in_batch)
-        want_dh = ctx.needs_input_grad[0]
-        want_dw = ctx.needs_input_grad[1]
+        # Grad mode is always off inside forward: whether a backward can follow is decided by the caller.
+        want_dh = grad_enabled and ctx.needs_input_grad[0]
+        want_dw = grad_enabled and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -102,7 +103,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dh = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if ctx.needs_input_grad[1]:
             dw = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -134,7 +135,8 @@ def fused_linear_cross_entropy(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     impl = _IMPLEMENTATIONS[select_backend("cross_entropy", hidden.device)]
-    return impl(hidden, weight, labels, ignore_index, reduction, softcap, num_items_in_batch, chunk_size)
+    grad_enabled = torch.is_grad_enabled()
+    return impl(hidden, weight, labels, ignore_index, reduction, softcap, num_items_in_batch, chunk_size, grad_enabled)
 
 
 _IMPLEMENTATIONS = {"torch": FusedLinearCrossEntropyFunction.apply}

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import select_backend
+from kernels.errors import ConfigurationError
 from kernels.nf4 import NF4Weight, nf4_dequantize
 
 BaseWeight = torch.Tensor | NF4Weight
@@ -126,7 +127,9 @@ def lora_linear(
         Tensor ``[..., out]`` in ``x.dtype``.
     """
     if (lora_a is None) != (lora_b is None):
-        raise ValueError("lora_a and lora_b must be given together")
+        raise ConfigurationError("lora_a and lora_b must be given together")
+    if (isinstance(weight, torch.Tensor) and weight.requires_grad) or (bias is not None and bias.requires_grad):
+        raise ConfigurationError("lora_linear treats the base weight and bias as frozen; use F.linear to train them")
     mask = None
     if lora_a is not None and training and dropout_p > 0.0:
         mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)

@@ -11,7 +11,7 @@ Backward, with ``g = dy * w`` (fp32)::
     dx = rstd * (g - xhat * mean(g * xhat))
     dw = sum_rows(dy * cast(xhat, x.dtype))
 
-Saved for backward: ``x`` (the input itself, no copy) and ``rstd`` (one fp32 per row).
+Saved for backward: ``x`` (the input itself, no copy), ``w`` and ``rstd`` (one fp32 per row).
 ``xhat`` is recomputed. The backward never writes into its inputs.
 """
 
