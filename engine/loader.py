@@ -37,7 +37,7 @@ def default_device() -> torch.device:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """``dtype=None`` picks bf16 where the hardware computes it natively, else fp16 on GPUs, fp32 on CPUs."""
+    """``dtype=None`` picks bf16 where the hardware computes it natively, else fp32 (pass fp16 explicitly on older GPUs)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
@@ -47,7 +47,7 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype is not None:
         raise ConfigurationError(f"dtype must be a torch.dtype, a string or None, got {dtype!r}")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
 
@@ -114,7 +114,7 @@ class FastModel:
                 a folder holding a saved LoRA adapter (its base model is loaded first), or a hub id.
             max_seq_length (int): longest sequence the model accepts.
             dtype: ``torch.float32``/``float16``/``bfloat16`` or their names; ``None`` picks bf16
-                where the hardware supports it, else fp16 on GPUs and fp32 on CPUs.
+                where the hardware supports it (CUDA with bf16, CPUs with AVX-512-BF16), else fp32.
             load_in_4bit (bool): store the decoder's projection weights as NF4 (QLoRA).
             double_quant (bool): with ``load_in_4bit``, also quantize the NF4 scales.
             device: where the model goes (default CUDA if available, else CPU).
