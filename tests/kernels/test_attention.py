@@ -1,0 +1,202 @@
+"""Attention: the visibility rules of the mask, and numerics against plain softmax attention.
+
+Tolerances and helpers: :mod:`tests.kernels.op_testing`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import attention, attention_reference, build_attention_mask
+from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf
+
+# --------------------------------------------------------------------------- attention mask semantics
+
+
+def _brute_force_mask(q_len, kv_len, q_offset=0, pad=None, docs=None, window=None, batch=1):
+    """The visibility rules of kernels/attention.py's docstring, element by element."""
+    out = torch.zeros(batch, 1, q_len, kv_len, dtype=torch.bool)
+    for bb in range(batch):
+        for i in range(q_len):
+            qi = i + q_offset
+            for j in range(kv_len):
+                ok = j <= qi
+                if window is not None:
+                    ok = ok and j > qi - window
+                if pad is not None:
+                    ok = ok and bool(pad[bb, j])
+                if docs is not None:
+                    ok = ok and int(docs[bb, kv_len - q_len + i]) == int(docs[bb, j])
+                out[bb, 0, i, j] = ok
+            if not out[bb, 0, i].any() and qi < kv_len:
+                out[bb, 0, i, qi] = True
+    return out
+
+
+def _m(rows):
+    return torch.tensor(rows, dtype=torch.bool)[None, None]
+
+
+def test_mask_causal():
+    m = build_attention_mask(4, 4)
+    assert m.dtype == torch.bool and m.shape == (1, 1, 4, 4)
+    assert torch.equal(m, torch.ones(4, 4, dtype=torch.bool).tril()[None, None])
+
+
+def test_mask_q_offset_with_cache():
+    m = build_attention_mask(2, 5, q_offset=3)
+    assert torch.equal(m, _m([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]))
+    # One decode step sees the whole cache.
+    assert build_attention_mask(1, 6, q_offset=5).all()
+
+
+def test_mask_left_padding_query_sees_itself():
+    pad = torch.tensor([[0, 0, 1, 1]])
+    m = build_attention_mask(4, 4, key_padding_mask=pad)
+    expected = _m([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+    assert torch.equal(m, expected)
+
+
+def test_mask_right_padding_and_batch():
+    pad = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    m = build_attention_mask(3, 3, key_padding_mask=pad)
+    assert m.shape == (2, 1, 3, 3)
+    assert torch.equal(m[0], _m([[1, 0, 0], [1, 1, 0], [1, 1, 0]])[0])  # pad query sees real keys only
+    assert torch.equal(m[1], _m([[1, 0, 0], [1, 1, 0], [1, 1, 1]])[0])
+
+
+def test_mask_documents():
+    docs = torch.tensor([[0, 0, 1, 1, 1]])
+    m = build_attention_mask(5, 5, doc_ids=docs)
+    expected = _m(
+        [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    )
+    assert torch.equal(m, expected)
+
+
+def test_mask_sliding_window():
+    m = build_attention_mask(4, 4, sliding_window=2)
+    assert torch.equal(m, _m([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]))
+    m = build_attention_mask(2, 6, q_offset=4, sliding_window=3)
+    assert torch.equal(m, _m([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]]))
+    # A window of 1 is the diagonal.
+    assert torch.equal(build_attention_mask(3, 3, sliding_window=1), torch.eye(3, dtype=torch.bool)[None, None])
+
+
+def test_mask_documents_with_cache_use_last_slots_for_queries():
+    docs = torch.tensor([[0, 0, 1, 1, 1, 2]])
+    m = build_attention_mask(2, 6, q_offset=4, doc_ids=docs)
+    assert torch.equal(m, _m([[0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mask_matches_brute_force_rules(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch = 2
+    kv_len = int(torch.randint(3, 12, (1,), generator=g))
+    q_len = int(torch.randint(1, kv_len + 1, (1,), generator=g))
+    q_offset = kv_len - q_len
+    pad = (torch.rand(batch, kv_len, generator=g) > 0.3) if seed % 2 == 0 else None
+    docs = torch.sort(torch.randint(0, 3, (batch, kv_len), generator=g), dim=1).values if seed % 3 != 2 else None
+    window = int(torch.randint(1, kv_len + 2, (1,), generator=g)) if seed >= 2 else None
+    m = build_attention_mask(
+        q_len, kv_len, q_offset=q_offset, key_padding_mask=pad, doc_ids=docs, sliding_window=window
+    )
+    expected = _brute_force_mask(q_len, kv_len, q_offset, pad, docs, window, batch)
+    assert torch.equal(m.expand_as(expected), expected)
+    assert m.any(dim=-1).all(), "every query must see at least one key"
+
+
+# --------------------------------------------------------------------------- attention numerics
+
+ATTN_HEADS = [
+    pytest.param((3, 1, 24), id="h3_kv1_d24"),
+    pytest.param((5, 5, 64), id="h5_kv5_d64"),
+]
+
+ATTN_SETUPS = ["causal", "cache", "padding", "documents", "window", "window_cache", "all"]
+
+
+def _attn_setup(name: str, batch: int):
+    """``(q_len, kv_len, kwargs)`` for one masking scenario."""
+    if name == "causal":
+        return 7, 7, {}
+    if name == "cache":
+        return 3, 10, {"q_offset": 7}
+    if name == "padding":
+        pad = torch.ones(batch, 9, dtype=torch.bool)
+        pad[0, :3] = False  # left padding (those queries see only themselves)
+        pad[-1, -2:] = False  # right padding
+        return 9, 9, {"key_padding_mask": pad}
+    if name == "documents":
+        docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 2, 2, 3]])[:batch]
+        return 9, 9, {"doc_ids": docs}
+    if name == "window":
+        return 9, 9, {"sliding_window": 3}
+    if name == "window_cache":
+        return 4, 11, {"q_offset": 7, "sliding_window": 5}
+    if name == "all":
+        pad = torch.ones(batch, 10, dtype=torch.bool)
+        pad[0, :2] = False
+        docs = torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]])[:batch]
+        return 6, 10, {"q_offset": 4, "key_padding_mask": pad, "doc_ids": docs, "sliding_window": 3}
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("setup", ATTN_SETUPS)
+@pytest.mark.parametrize("heads", ATTN_HEADS)
+def test_attention_matches_reference(heads, setup, dtype):
+    torch.manual_seed(17)
+    hq, hkv, d = heads
+    batch = 2
+    q_len, kv_len, kwargs = _attn_setup(setup, batch)
+    scale = d**-0.5
+    q0 = torch.randn(batch, hq, q_len, d)
+    k0 = torch.randn(batch, hkv, kv_len, d)
+    v0 = torch.randn(batch, hkv, kv_len, d)
+    do = torch.randn(batch, hq, q_len, d).to(dtype)
+    q, k, v = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+
+    out = attention(q, k, v, scale=scale, **kwargs)
+    mask = build_attention_mask(q_len, kv_len, **kwargs)
+    ref = attention_reference(qr, kr, vr, mask, scale)
+    assert out.shape == (batch, hq, q_len, d) and out.dtype == dtype
+    assert_close(out, ref, dtype, "attention.out", reduction=True)
+    got, want = grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)
+    for name, g_, w_ in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g_, w_, dtype, f"attention.{name}", reduction=True)
+
+
+def test_attention_padded_query_attends_to_itself_only():
+    torch.manual_seed(18)
+    hq, hkv, d = 3, 1, 24
+    pad = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)
+    q, k, v = torch.randn(1, hq, 5, d), torch.randn(1, hkv, 5, d), torch.randn(1, hkv, 5, d)
+    out = attention(q, k, v, scale=d**-0.5, key_padding_mask=pad)
+    assert torch.isfinite(out).all()
+    for i in (0, 1):  # padded queries: output is their own value vector, for every query head of the group
+        torch.testing.assert_close(out[0, :, i], v[0, 0, i].expand(hq, d), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_window_at_least_kv_len_is_plain_causal():
+    torch.manual_seed(19)
+    q, k, v = torch.randn(1, 3, 6, 24), torch.randn(1, 1, 6, 24), torch.randn(1, 1, 6, 24)
+    plain = attention(q, k, v, scale=0.2)
+    for w in (6, 100):
+        torch.testing.assert_close(attention(q, k, v, scale=0.2, sliding_window=w), plain)
+    assert not torch.allclose(attention(q, k, v, scale=0.2, sliding_window=5), plain)
+
+
+def test_attention_documents_equal_separate_sequences():
+    """Packing: attention over two packed documents equals attention over each one alone."""
+    torch.manual_seed(20)
+    hq, hkv, d = 5, 5, 64
+    q, k, v = torch.randn(1, hq, 7, d), torch.randn(1, hkv, 7, d), torch.randn(1, hkv, 7, d)
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    packed = attention(q, k, v, scale=d**-0.5, doc_ids=docs)
+    first = attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], scale=d**-0.5)
+    second = attention(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], scale=d**-0.5)
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=2), rtol=1e-5, atol=1e-5)
