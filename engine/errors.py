@@ -11,6 +11,7 @@ from kernels.errors import ConfigurationError, EngineError
 __all__ = [
     "CheckpointError",
     "ConfigurationError",
+    "DatasetError",
     "EngineError",
     "SequenceTooLongError",
     "UnsupportedArchitectureError",
@@ -27,3 +28,7 @@ class CheckpointError(EngineError, OSError):
 
 class SequenceTooLongError(EngineError, ValueError):
     """An input is longer than the ``max_seq_length`` the model was loaded with."""
+
+
+class DatasetError(EngineError, ValueError):
+    """A training dataset is empty, lacks the columns its format needs, or cannot be tokenized as asked."""

@@ -31,7 +31,7 @@ CHOICES = ("auto", "torch", "triton")
 TRITON_OPS: frozenset[str] = frozenset()
 
 #: Every op behind this dispatch point.
-OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy")
+OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy", "token_log_probs")
 
 
 def requested_backend() -> str:

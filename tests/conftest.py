@@ -76,3 +76,30 @@ def _seed():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    """The real SmolLM2 tokenizer (with its chat template), read from the shipped GGUF file."""
+    from engine.loading.gguf_reader import load_gguf_tokenizer
+
+    tokenizer = load_gguf_tokenizer(smollm2_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def make_tiny_chat_hf_model(seed: int = 0) -> transformers.PreTrainedModel:
+    """A random 2-layer Llama with SmolLM2's vocabulary (49152), so the real tokenizer fits it."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**_COMMON, "vocab_size": 49152, "max_position_embeddings": 512}, tie_word_embeddings=True)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_folder(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A Hugging Face folder: tiny random Llama (hidden 80, 2 layers) + SmolLM2's tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    make_tiny_chat_hf_model().save_pretrained(folder, safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder

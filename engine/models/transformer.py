@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
+from engine.modules.checkpointing import checkpoint_layer
 from engine.modules.linear import Linear
 from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
 
@@ -175,6 +175,12 @@ class CausalLM(nn.Module):
         device, dtype: where and in which dtype parameters are created.
     """
 
+    #: For transformers.Trainer: forward takes ``num_items_in_batch`` and its loss shifts labels
+    #: (so the Trainer counts ``labels[..., 1:]`` when normalising over gradient accumulation).
+    accepts_loss_kwargs = True
+    loss_type = "ForCausalLM"
+    main_input_name = "input_ids"
+
     def __init__(self, args: ModelArgs, max_seq_length: int = 2048, device=None, dtype=None):
         super().__init__()
         self.args = args
@@ -202,6 +208,18 @@ class CausalLM(nn.Module):
     def config(self):
         """The transformers config this model was built from (what ``save_pretrained`` writes)."""
         return self.hf_config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint every decoder layer (keeps ``"smart"`` if it is already on); transformers' name."""
+        if not self.gradient_checkpointing:
+            self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.gradient_checkpointing)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -282,6 +300,18 @@ class CausalLM(nn.Module):
             unknown = sorted(k for k in unused if k not in ("use_cache", "return_dict", "output_attentions", "output_hidden_states"))
             if unknown:
                 raise ConfigurationError(f"forward() got unexpected arguments {unknown}")
+        x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache)
+
+        loss = logits = None
+        if labels is not None:
+            loss = self._loss(x, labels, num_items_in_batch)
+        if labels is None or return_logits:
+            kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+            logits = self.lm_head(kept)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache):
+        """Final-norm hidden states ``[b, s, d]`` and the labels with packed-document starts masked."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigurationError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -298,20 +328,43 @@ class CausalLM(nn.Module):
             # The first token of each packed document must not be predicted from the previous document.
             labels = labels.masked_fill(position_ids == 0, -100)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        offload = self.gradient_checkpointing == "smart"
         for layer in self.model.layers:
             if checkpointing:
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x = checkpoint_layer(layer, x, ctx, offload=offload)
             else:
                 x = layer(x, ctx)
-        x = self.model.norm(x)
+        return self.model.norm(x), labels
 
-        loss = logits = None
-        if labels is not None:
-            loss = self._loss(x, labels, num_items_in_batch)
-        if labels is None or return_logits:
-            kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
-            logits = self.lm_head(kept)
-        return CausalLMOutput(loss=loss, logits=logits)
+    def token_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Log-probability the model gives each label token, without materialising all logits.
+
+        Args:
+            input_ids (Tensor): int64 ``[b, s]``.
+            labels (Tensor): int64 ``[b, s]``, -100 where no log-prob is wanted. Aligned with
+                ``input_ids`` (not shifted): ``out[:, t]`` is ``log p(labels[:, t] | tokens < t)``.
+            attention_mask, position_ids: as in :meth:`forward` (restarting position ids mean
+                packed documents; the first token of each document gets no log-prob).
+
+        Returns:
+            float32 ``[b, s]``: the log-probabilities, 0 at ``t = 0`` and wherever the label is -100.
+        """
+        from kernels import linear_token_log_probs
+
+        x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, None, None)
+        if self.lm_head.has_lora or self.lm_head.is_quantized:
+            raise ConfigurationError("LoRA or 4-bit quantization on lm_head is not supported")
+        b, s, d = x.shape
+        shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(x.device)
+        logps = linear_token_log_probs(x.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1)).view(b, s)
+        # logps[:, t] scores labels[:, t + 1]; move it to position t + 1.
+        return torch.nn.functional.pad(logps[:, :-1], (1, 0), value=0.0)
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(hidden.device)
