@@ -10,6 +10,7 @@ Public API::
 from engine.errors import (
     CheckpointError,
     ConfigurationError,
+    DatasetError,
     EngineError,
     SequenceTooLongError,
     UnsupportedArchitectureError,
@@ -19,13 +20,36 @@ from engine.peft import disable_adapter
 
 __version__ = "0.1.0"
 
+#: Trainers import transformers.Trainer (slow); they load on first use: ``from engine import SFTTrainer``.
+_LAZY = {
+    "SFTTrainer": "engine.training.sft",
+    "DPOTrainer": "engine.training.dpo",
+    "SFTConfig": "engine.training.config",
+    "DPOConfig": "engine.training.config",
+    "train_on_responses_only": "engine.training.sft_data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError",
+    "DPOConfig",
+    "DPOTrainer",
+    "SFTConfig",
+    "SFTTrainer",
     "ConfigurationError",
+    "DatasetError",
     "EngineError",
     "FastLanguageModel",
     "FastModel",
     "SequenceTooLongError",
     "UnsupportedArchitectureError",
     "disable_adapter",
+    "train_on_responses_only",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
@@ -315,8 +315,10 @@ class CausalLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigurationError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        b, s = x.shape[:2]
-        total = s + (cache.length if cache is not None else 0)
+        total = x.shape[1] + (cache.length if cache is not None else 0)
+        if total > self.max_seq_length and position_ids is not None and cache is None and attention_mask is None:
+            # A padding-free row may be longer than max_seq_length; its documents (restarting positions) may not.
+            total = int(position_ids.max()) + 1
         if total > self.max_seq_length:
             raise SequenceTooLongError(
                 f"sequence of {total} tokens is longer than max_seq_length={self.max_seq_length}. "

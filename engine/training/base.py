@@ -1,0 +1,112 @@
+"""What every engine trainer shares, on top of :class:`transformers.Trainer`.
+
+* It trains the engine's own :class:`~engine.models.transformer.CausalLM` (from
+  ``FastModel``), saves checkpoints in PEFT adapter format (or the full model without LoRA)
+  and resumes from them (``trainer.train(resume_from_checkpoint=True)``).
+* It counts the trained (non-padding) tokens of every micro-batch and installs
+  :class:`~engine.training.reporting.TrainingReport`, so each run ends with a time/memory
+  summary table and ``training_report.json`` next to the checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from engine.errors import CheckpointError, ConfigurationError
+from engine.models.transformer import CausalLM
+from engine.peft import lora_modules
+from engine.training.reporting import ReportSummary, TrainingReport
+
+
+def count_trained_tokens(inputs: dict) -> int:
+    """Non-padding tokens of a collated batch: the attention mask's sum, or every token when padding-free."""
+    if inputs.get("attention_mask") is not None:
+        return int(inputs["attention_mask"].sum())
+    if "num_tokens" in inputs:
+        return int(inputs["num_tokens"])
+    return int(inputs["input_ids"].numel())
+
+
+class EngineTrainer(transformers.Trainer):
+    """Base class of :class:`~engine.SFTTrainer` and :class:`~engine.DPOTrainer` (not used directly).
+
+    Args:
+        model (CausalLM): a model from :class:`engine.FastModel` (with or without LoRA).
+        args (TrainingArguments): an :class:`~engine.SFTConfig` / :class:`~engine.DPOConfig`.
+        tokenizer / processing_class: the tokenizer (either name works).
+        Other arguments are passed to :class:`transformers.Trainer`.
+    """
+
+    def __init__(self, model=None, args=None, *, tokenizer=None, processing_class=None, callbacks=None, **kwargs):
+        if not isinstance(model, CausalLM):
+            raise ConfigurationError(
+                f"{type(self).__name__} trains models loaded with engine.FastModel.from_pretrained, got "
+                f"{type(model).__name__}. Load the model with FastModel (and add LoRA with FastModel.get_peft_model)."
+            )
+        if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
+            raise ConfigurationError("pass the tokenizer once, as tokenizer= or processing_class=")
+        processing_class = processing_class if processing_class is not None else tokenizer
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigurationError(
+                "the model has no trainable parameters. Add LoRA adapters with FastModel.get_peft_model(model, ...) "
+                "or load it with full_finetuning=True."
+            )
+        # Our collators produce exactly the columns the model needs.
+        args.remove_unused_columns = False
+        self.report = TrainingReport(model.device)
+        super().__init__(
+            model=model,
+            args=args,
+            processing_class=processing_class,
+            callbacks=[*(callbacks or []), self.report],
+            **kwargs,
+        )
+
+    @property
+    def training_summary(self) -> ReportSummary | None:
+        """Time and memory summary of the last :meth:`train` call (``None`` before training)."""
+        return self.report.summary
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.report.add_tokens(count_trained_tokens(inputs))
+        inputs = {k: v for k, v in inputs.items() if k != "num_tokens"}
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from safetensors.torch import load_file
+
+        from engine.loading.safetensors_loader import iter_safetensors, safetensors_files
+        from engine.peft import load_adapter_state_dict
+
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        folder = Path(resume_from_checkpoint)
+        adapter = folder / "adapter_model.safetensors"
+        if lora_modules(model):
+            if not adapter.is_file():
+                raise CheckpointError(f"{folder} has no adapter_model.safetensors to resume the LoRA adapters from")
+            load_adapter_state_dict(model, load_file(str(adapter)), source=str(adapter))
+            return
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in iter_safetensors(safetensors_files(folder)):
+                if name in params:
+                    params[name].copy_(tensor)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
