@@ -1,0 +1,137 @@
+"""Supervised fine-tuning: :class:`SFTTrainer`.
+
+Pipeline (each step in its own module)::
+
+    dataset ──tokenize_sft_dataset──▶ input_ids, labels         (engine.training.sft_data)
+            ──pack_dataset (BFD)────▶ rows of ≤ max_length      (engine.training.packing)
+            ──PaddingFreeCollator───▶ one row per batch, position ids restarting per document
+            ──CausalLM.forward──────▶ loss (fused linear cross-entropy, no full logits)
+
+With packing, attention never crosses a document boundary and RoPE positions restart at
+every document, so the loss equals the token-weighted mean of the documents' losses run
+one by one (tested).
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+
+from engine.errors import ConfigurationError
+from engine.training.base import EngineTrainer
+from engine.training.collators import PaddedCollator, PaddingFreeCollator
+from engine.training.config import SFTConfig
+from engine.training.packing import pack_dataset
+from engine.training.sft_data import tokenize_sft_dataset
+
+#: Batch keys the model's forward takes; collators may add others (e.g. cu_seq_lens for Triton kernels).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+
+
+class SFTTrainer(EngineTrainer):
+    """Fine-tune on text, prompt/completion or chat (``messages``) data.
+
+    Args:
+        model (CausalLM): from :class:`engine.FastModel` (usually with LoRA).
+        args (SFTConfig, optional): defaults to ``SFTConfig(output_dir="outputs")``.
+        train_dataset / eval_dataset: a :class:`datasets.Dataset` or a list of dicts, either raw
+            (``text`` / ``prompt`` + ``completion`` / ``messages`` columns) or already tokenized
+            (an ``input_ids`` column, optional ``labels``).
+        tokenizer / processing_class: the tokenizer (needed for raw datasets).
+        data_collator: overrides the collator chosen from ``packing`` / ``padding_free``.
+
+    Example::
+
+        trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=rows,
+                             args=SFTConfig(output_dir="out", max_steps=60, per_device_train_batch_size=4))
+        trainer.train()   # prints a time/memory summary and writes out/training_report.json
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args: SFTConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        *,
+        tokenizer=None,
+        processing_class=None,
+        data_collator=None,
+        **kwargs,
+    ):
+        args = args if args is not None else SFTConfig(output_dir="outputs")
+        if not isinstance(args, SFTConfig):
+            raise ConfigurationError(f"SFTTrainer needs an engine.SFTConfig, got {type(args).__name__}")
+        tok = processing_class if processing_class is not None else tokenizer
+        if train_dataset is None:
+            raise ConfigurationError("SFTTrainer needs a train_dataset")
+        max_length = args.max_length
+        seq_limit = getattr(model, "max_seq_length", None)
+        if max_length is not None and seq_limit is not None and max_length > seq_limit:
+            raise ConfigurationError(
+                f"SFTConfig.max_length={max_length} is longer than the model's max_seq_length={seq_limit}. "
+                f"Lower max_length or load the model with FastModel.from_pretrained(..., max_seq_length={max_length})."
+            )
+        train_dataset = self._prepare(train_dataset, tok, args, packing=args.packing, split="train")
+        if eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, tok, args, packing=args.eval_packing, split="eval")
+        if data_collator is None:
+            pad_id = _pad_token_id(tok)
+            if args.padding_free or args.packing:
+                data_collator = PaddingFreeCollator(pad_token_id=pad_id)
+            else:
+                data_collator = PaddedCollator(pad_token_id=pad_id)
+        super().__init__(
+            model=model,
+            args=args,
+            processing_class=tok,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            **kwargs,
+        )
+
+    @staticmethod
+    def _prepare(dataset, tokenizer, args: SFTConfig, *, packing: bool, split: str) -> datasets.Dataset:
+        if isinstance(dataset, list):
+            dataset = datasets.Dataset.from_list(dataset)
+        if "input_ids" in dataset.column_names:
+            if "labels" not in dataset.column_names:
+                dataset = dataset.map(lambda row: {"labels": list(row["input_ids"])}, desc=f"labels ({split})")
+        else:
+            if tokenizer is None:
+                raise ConfigurationError("SFTTrainer needs a tokenizer (tokenizer=...) to tokenize a raw dataset")
+            dataset = tokenize_sft_dataset(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                dataset_text_field=args.dataset_text_field,
+                completion_only_loss=args.completion_only_loss,
+                assistant_only_loss=args.assistant_only_loss,
+                truncation=args.long_examples,
+                add_eos=args.add_eos,
+                drop_fully_masked=args.drop_fully_masked,
+                num_proc=args.dataset_num_proc,
+            )
+        if packing:
+            dataset = pack_dataset(dataset, args.max_length)
+        return dataset
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the loss only (the fused loss never materialises logits)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def _pad_token_id(tokenizer) -> int:
+    if tokenizer is None:
+        return 0
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
