@@ -17,7 +17,9 @@ logits of a chunk exist::
     dh   = dz @ W                            [chunk, H]
     dW  += dz.T @ h                          [V, H], only when W is trained
 
-So only one ``[chunk, V]`` fp32 block of logits is alive at a time; the full
+Only tokens with a target are computed (prompt tokens of a completion-only loss, padding and
+packed-document starts cost nothing), and the log-sum-exp is taken in place, so only one
+``[chunk, V]`` fp32 block of logits is alive at a time; the full
 ``[N, V]`` logits never exist. Backward just scales the stored gradients by the
 incoming scalar gradient.
 """
@@ -65,30 +67,36 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         # Grad mode is always off inside forward: whether a backward can follow is decided by the caller.
         want_dh = grad_enabled and ctx.needs_input_grad[0]
         want_dw = grad_enabled and ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_dh else None
+        grad_hidden = torch.zeros_like(hidden) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, n_tokens, chunk):
-            h = hidden[start : start + chunk]
-            y = labels[start : start + chunk]
+        # Only tokens with a target cost anything: prompt tokens (completion-only loss), padding and
+        # document starts are skipped, and their gradient stays zero.
+        rows_with_target = (labels != ignore_index).nonzero().squeeze(1)
+        for start in range(0, rows_with_target.numel(), chunk):
+            rows = rows_with_target[start : start + chunk]
+            h = hidden.index_select(0, rows)
+            y = labels.index_select(0, rows)
             z = (h @ weight.t()).float()
             if softcap is not None:
                 t = torch.tanh(z / softcap)
                 z = softcap * t
-            valid = y != ignore_index
-            y_safe = torch.where(valid, y, torch.zeros_like(y))
-            lse = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, y_safe[:, None]).squeeze(1)
-            loss += ((lse - target) * valid).sum()
+            target = z.gather(1, y[:, None]).squeeze(1)
+            # logsumexp by hand, in place: one [chunk, V] buffer, which then holds the softmax.
+            z_max = z.amax(dim=-1, keepdim=True)
+            z.sub_(z_max).exp_()
+            z_sum = z.sum(dim=-1, keepdim=True)
+            lse = (z_max + z_sum.log()).squeeze(1)
+            loss += (lse - target).sum()
             if want_dh or want_dw:
-                dz = z.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                dz[torch.arange(len(y), device=dz.device), y_safe] -= 1.0
-                dz.mul_((valid.float() / denom)[:, None])
+                dz = z.div_(z_sum)  # softmax
+                dz[torch.arange(len(y), device=dz.device), y] -= 1.0
+                dz.div_(denom)
                 if softcap is not None:
                     dz.mul_(1.0 - t * t)
                 dz = dz.to(hidden.dtype)
                 if want_dh:
-                    grad_hidden[start : start + chunk] = dz @ weight
+                    grad_hidden.index_copy_(0, rows, dz @ weight)
                 if want_dw:
                     grad_weight.addmm_(dz.t().float(), h.float())
         ctx.save_for_backward(grad_hidden, grad_weight)

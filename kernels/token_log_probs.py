@@ -12,8 +12,11 @@ the chosen tokens, ``[N]`` fp32, not a reduced loss. Unlike the cross-entropy op
 depends on an upstream ``g = dL/dout [N]`` that is only known in backward, so it cannot be
 computed inside the forward. Instead:
 
-* forward runs over chunks of tokens, building one ``[chunk, V]`` fp32 block of logits at a time,
-  and saves only ``h``, ``W``, ``y`` and the per-token ``lse_i = logsumexp(z_i)`` (1 fp32 per token);
+* only tokens with a target are computed (prompt tokens and padding cost nothing; their output and
+  gradient are 0);
+* forward runs over chunks of those tokens, building one ``[chunk, V]`` fp32 block of logits at a
+  time, and saves only ``h``, ``W``, ``y``, the indices of the tokens with a target and their
+  ``lse_i = logsumexp(z_i)`` (1 fp32 each);
 * backward recomputes each chunk's logits and, with ``p = softmax(z) = exp(z - lse)``::
 
       dz   = g_i * (onehot(y_i) - p_i)        (zero rows for ignored tokens)
@@ -75,47 +78,43 @@ class LinearTokenLogProbsFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, softcap, chunk_size):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         chunk = chunk_size or default_chunk_size(n_tokens, vocab)
-        out = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            y = targets[start:stop]
-            z, _ = _chunk_logits(hidden[start:stop], weight, softcap)
-            valid = y != ignore_index
-            y_safe = torch.where(valid, y, torch.zeros_like(y))
+        out = torch.zeros(n_tokens, dtype=torch.float32, device=hidden.device)
+        # Only tokens with a target cost anything (DPO prompts, padding): ignored rows stay 0.
+        rows = (targets != ignore_index).nonzero().squeeze(1)
+        lse = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start : start + chunk]
+            y = targets.index_select(0, part)
+            z, _ = _chunk_logits(hidden.index_select(0, part), weight, softcap)
             lse_c = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, y_safe[:, None]).squeeze(1)
-            out[start:stop] = torch.where(valid, target - lse_c, torch.zeros_like(lse_c))
-            lse[start:stop] = lse_c
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.ignore_index, ctx.softcap, ctx.chunk = ignore_index, softcap, chunk
+            out.index_copy_(0, part, z.gather(1, y[:, None]).squeeze(1) - lse_c)
+            lse[start : start + chunk] = lse_c
+        ctx.save_for_backward(hidden, weight, targets, rows, lse)
+        ctx.softcap, ctx.chunk = softcap, chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        hidden, weight, targets, lse = ctx.saved_tensors
+        hidden, weight, targets, rows, lse = ctx.saved_tensors
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (want_dh or want_dw):
             return None, None, None, None, None, None
         grad_out = grad_out.float()
-        grad_hidden = torch.empty_like(hidden) if want_dh else None
+        grad_hidden = torch.zeros_like(hidden) if want_dh else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_dw else None
-        n_tokens, chunk = hidden.shape[0], ctx.chunk
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            h, y = hidden[start:stop], targets[start:stop]
+        for start in range(0, rows.numel(), ctx.chunk):
+            part = rows[start : start + ctx.chunk]
+            h, y = hidden.index_select(0, part), targets.index_select(0, part)
             z, t = _chunk_logits(h, weight, ctx.softcap)
-            valid = y != ctx.ignore_index
-            y_safe = torch.where(valid, y, torch.zeros_like(y))
-            dz = z.sub_(lse[start:stop, None]).exp_().neg_()  # -softmax, in place of the logits
-            dz[torch.arange(stop - start, device=dz.device), y_safe] += 1.0
-            dz.mul_((grad_out[start:stop] * valid)[:, None])
+            dz = z.sub_(lse[start : start + ctx.chunk, None]).exp_().neg_()  # -softmax, in place of the logits
+            dz[torch.arange(part.numel(), device=dz.device), y] += 1.0
+            dz.mul_(grad_out.index_select(0, part)[:, None])
             if t is not None:
                 dz.mul_(1.0 - t * t)
             dz = dz.to(hidden.dtype)
             if want_dh:
-                grad_hidden[start:stop] = dz @ weight
+                grad_hidden.index_copy_(0, part, dz @ weight)
             if want_dw:
                 grad_weight.addmm_(dz.t().float(), h.float())
         dw = grad_weight.to(weight.dtype) if want_dw else None

@@ -41,6 +41,7 @@ class AttentionContext:
         cos, sin: RoPE tables ``[b, s, 1, hd]``.
         key_padding_mask: bool ``[b, s_kv]`` or ``None``.
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
+        doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
     """
 
@@ -48,6 +49,7 @@ class AttentionContext:
     sin: torch.Tensor
     key_padding_mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
+    doc_lengths: tuple[int, ...] | None = None
     cache: object | None = None
 
 
@@ -93,6 +95,7 @@ class Attention(nn.Module):
             key_padding_mask=ctx.key_padding_mask,
             doc_ids=ctx.doc_ids,
             sliding_window=self.sliding_window,
+            doc_lengths=ctx.doc_lengths,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
 
@@ -252,11 +255,15 @@ class CausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]
             else:
                 position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
-        doc_ids = None
+        doc_ids = doc_lengths = None
         if attention_mask is None and cache is None:
             doc_ids = packed_document_ids(position_ids)
+        if doc_ids is not None and b == 1:
+            # One padding-free row: attend document by document (no [s, s] mask).
+            doc_lengths = tuple(torch.bincount(doc_ids[0] - doc_ids[0, 0]).tolist())
+            doc_ids = None
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
-        return AttentionContext(cos, sin, key_padding_mask, doc_ids, cache)
+        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, cache)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -326,7 +333,7 @@ class CausalLM(nn.Module):
                 f"(the model was trained with {self.args.max_position_embeddings} positions)."
             )
         ctx = self._context(input_ids if input_ids is not None else x[..., 0], attention_mask, position_ids, cache, x.dtype)
-        if ctx.doc_ids is not None and labels is not None:
+        if (ctx.doc_ids is not None or ctx.doc_lengths is not None) and labels is not None:
             # The first token of each packed document must not be predicted from the previous document.
             labels = labels.masked_fill(position_ids == 0, -100)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()

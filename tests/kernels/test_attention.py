@@ -200,3 +200,32 @@ def test_attention_documents_equal_separate_sequences():
     first = attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], scale=d**-0.5)
     second = attention(q[:, :, 3:], k[:, :, 3:], v[:, :, 3:], scale=d**-0.5)
     torch.testing.assert_close(packed, torch.cat([first, second], dim=2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_doc_lengths_equals_document_mask(dtype, window):
+    """Variable-length attention over a padding-free row equals the dense block-diagonal mask, with gradients."""
+    torch.manual_seed(21)
+    hq, hkv, d = 6, 2, 24
+    lengths = (5, 1, 9, 4)
+    s = sum(lengths)
+    docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    q0, k0, v0 = torch.randn(1, hq, s, d), torch.randn(1, hkv, s, d), torch.randn(1, hkv, s, d)
+    do = torch.randn(1, hq, s, d).to(dtype)
+    q, k, v = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    out = attention(q, k, v, scale=d**-0.5, doc_lengths=lengths, sliding_window=window)
+    mask = build_attention_mask(s, s, doc_ids=docs, sliding_window=window)
+    ref = attention_reference(qr, kr, vr, mask, d**-0.5)
+    assert_close(out, ref, dtype, "varlen.out", reduction=True)
+    for name, g_, w_ in zip(("dq", "dk", "dv"), grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)):
+        assert_close(g_, w_, dtype, f"varlen.{name}", reduction=True)
+
+
+def test_attention_doc_lengths_rejects_inconsistent_input():
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="sum"):
+        attention(q, k, v, scale=0.3, doc_lengths=(2, 3))
+    with pytest.raises(ValueError, match="b == 1"):
+        attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), scale=0.3, doc_lengths=(3, 3))

@@ -154,13 +154,13 @@ def test_token_log_probs_all_ignored():
 
 
 def test_token_log_probs_saves_no_logits():
-    """Saved for backward: h, W, targets and one fp32 logsumexp per token; never [N, V] or [chunk, V]."""
+    """Saved for backward: h, W, targets, the rows with a target and their fp32 logsumexp; never [N, V] or [chunk, V]."""
     hidden0, weight0, _ = _data(seed=37)
     h, w = leaf(hidden0), leaf(weight0)
     targets = _targets(N, V, "none")
     with record_saved() as saved:
         linear_token_log_probs(h, w, targets, chunk_size=8)
-    assert sorted(shape for shape, _, _ in saved) == sorted([(N, H), (V, H), (N,), (N,)]), saved
+    assert sorted(shape for shape, _, _ in saved) == sorted([(N, H), (V, H), (N,), (N,), (N,)]), saved
     assert ((N,), torch.float32, N * 4) in saved
 
 
