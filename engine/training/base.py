@@ -57,6 +57,8 @@ class EngineTrainer(transformers.Trainer):
             )
         # Our collators produce exactly the columns the model needs.
         args.remove_unused_columns = False
+        if model.device.type != "cuda":
+            args.dataloader_pin_memory = False  # pinning only helps host-to-GPU copies
         self.report = TrainingReport(model.device)
         super().__init__(
             model=model,
