@@ -67,6 +67,22 @@ def _summary_dict(trainer_report) -> dict:
     return asdict(summary)
 
 
+def shared_trainer_args(cfg: BenchConfig, output_dir: Path) -> dict:
+    """The Trainer arguments both sides use (TRL's SFTConfig and ours share these names)."""
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": cfg.seed,
+        "max_length": cfg.seq_len,
+        "use_cpu": cfg.device == "cpu",
+    }
+
+
 def run_engine(cfg: BenchConfig, output_dir: Path) -> dict:
     from engine import FastModel, SFTConfig, SFTTrainer
 
@@ -83,21 +99,7 @@ def run_engine(cfg: BenchConfig, output_dir: Path) -> dict:
         use_gradient_checkpointing="smart" if cfg.gradient_checkpointing == "smart" else True,
         random_state=cfg.seed,
     )
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        save_strategy="no",
-        seed=cfg.seed,
-        max_length=cfg.seq_len,
-        packing=cfg.packing,
-        padding_free=True,
-        use_cpu=cfg.device == "cpu",
-        disable_tqdm=False,
-    )
+    args = SFTConfig(**shared_trainer_args(cfg, output_dir), packing=cfg.packing, padding_free=True)
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=training_rows(cfg.rows), args=args)
     trainer.train()
     return _summary_dict(trainer.report)
@@ -152,19 +154,7 @@ def run_hf(cfg: BenchConfig, output_dir: Path) -> dict:
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
     )
     args = trl.SFTConfig(
-        output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        save_strategy="no",
-        seed=cfg.seed,
-        max_length=cfg.seq_len,
-        gradient_checkpointing=True,
-        bf16=dtype == torch.bfloat16,
-        use_cpu=cfg.device == "cpu",
-        report_to=[],
+        **shared_trainer_args(cfg, output_dir), gradient_checkpointing=True, bf16=dtype == torch.bfloat16, report_to=[]
     )
     report = TrainingReport(torch.device(cfg.device))
     trainer = MeasuredSFTTrainer(

@@ -50,7 +50,7 @@ def test_benchmark_runs_both_sides_on_a_tiny_model(tiny_chat_folder, tmp_path):
         sys.executable, "benchmarks/run.py", "--model", str(tiny_chat_folder), "--device", "cpu", "--max-steps", "3",
         "--batch-size", "2", "--seq-len", "256", "--warmup-steps", "1", "--name", "tiny", "--results-dir", str(tmp_path),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "tiny.json").read_text())
     engine, hf = result["metrics"]["engine"], result["metrics"]["hf"]

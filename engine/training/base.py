@@ -31,6 +31,23 @@ def count_trained_tokens(inputs: dict) -> int:
     return int(inputs["input_ids"].numel())
 
 
+def resolve_config(args, config_cls: type, trainer_name: str):
+    """``args``, or ``config_cls(output_dir="outputs")`` when ``None``; any other config type is refused."""
+    args = args if args is not None else config_cls(output_dir="outputs")
+    if not isinstance(args, config_cls):
+        raise ConfigurationError(f"{trainer_name} needs an engine.{config_cls.__name__}, got {type(args).__name__}")
+    return args
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padded positions are never trained on)."""
+    if tokenizer is None:
+        return 0
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 class EngineTrainer(transformers.Trainer):
     """Base class of :class:`~engine.SFTTrainer` and :class:`~engine.DPOTrainer` (not used directly).
 

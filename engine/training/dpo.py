@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from engine.errors import ConfigurationError
 from engine.peft import lora_modules
-from engine.training.base import EngineTrainer
+from engine.training.base import EngineTrainer, pad_token_id, resolve_config
 from engine.training.config import DPOConfig
 from engine.training.dpo_data import (
     PreferenceCollator,
@@ -62,9 +62,7 @@ class DPOTrainer(EngineTrainer):
         data_collator=None,
         **kwargs,
     ):
-        args = args if args is not None else DPOConfig(output_dir="outputs")
-        if not isinstance(args, DPOConfig):
-            raise ConfigurationError(f"DPOTrainer needs an engine.DPOConfig, got {type(args).__name__}")
+        args = resolve_config(args, DPOConfig, "DPOTrainer")
         if ref_model is not None:
             raise ConfigurationError(
                 "DPOTrainer takes no ref_model: the reference policy is the model with its LoRA adapters disabled "
@@ -83,9 +81,8 @@ class DPOTrainer(EngineTrainer):
         train_dataset = self._tokenize(train_dataset, tok, args)
         if eval_dataset is not None:
             eval_dataset = self._tokenize(eval_dataset, tok, args)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         if data_collator is None:
-            data_collator = PreferenceCollator(pad_token_id=pad_id, padding_free=args.padding_free)
+            data_collator = PreferenceCollator(pad_token_id=pad_token_id(tok), padding_free=args.padding_free)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,

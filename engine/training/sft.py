@@ -18,7 +18,7 @@ import datasets
 import torch
 
 from engine.errors import ConfigurationError
-from engine.training.base import EngineTrainer
+from engine.training.base import EngineTrainer, pad_token_id, resolve_config
 from engine.training.collators import PaddedCollator, PaddingFreeCollator
 from engine.training.config import SFTConfig
 from engine.training.packing import pack_dataset
@@ -59,9 +59,7 @@ class SFTTrainer(EngineTrainer):
         data_collator=None,
         **kwargs,
     ):
-        args = args if args is not None else SFTConfig(output_dir="outputs")
-        if not isinstance(args, SFTConfig):
-            raise ConfigurationError(f"SFTTrainer needs an engine.SFTConfig, got {type(args).__name__}")
+        args = resolve_config(args, SFTConfig, "SFTTrainer")
         tok = processing_class if processing_class is not None else tokenizer
         if train_dataset is None:
             raise ConfigurationError("SFTTrainer needs a train_dataset")
@@ -76,7 +74,7 @@ class SFTTrainer(EngineTrainer):
         if eval_dataset is not None:
             eval_dataset = self._prepare(eval_dataset, tok, args, packing=args.eval_packing, split="eval")
         if data_collator is None:
-            pad_id = _pad_token_id(tok)
+            pad_id = pad_token_id(tok)
             if args.padding_free or args.packing:
                 data_collator = PaddingFreeCollator(pad_token_id=pad_id)
             else:
@@ -128,10 +126,3 @@ class SFTTrainer(EngineTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-
-def _pad_token_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

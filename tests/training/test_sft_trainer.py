@@ -25,18 +25,18 @@ def _model(folder, **lora):
 
 
 def _args(tmp_path, **overrides) -> SFTConfig:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        max_length=64,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 0,
+        "max_length": 64,
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
     return SFTConfig(**{**base, **overrides})
 
 
