@@ -16,8 +16,9 @@ How memory is measured:
   Where ``clear_refs`` is unavailable, the high-water mark since process start is reported
   and ``memory_method`` says so.
 
-Step times are taken with ``time.perf_counter`` around each optimizer step (on CUDA after a
-``torch.cuda.synchronize`` so asynchronous kernels are counted in the step that launched them).
+Step times: on CUDA, CUDA events recorded at the start and end of each optimizer step (the end
+event is waited for, so asynchronous kernels count in the step that launched them); on CPU,
+``time.perf_counter`` around the step. ``benchmarks/run.py`` leaves out warm-up steps.
 """
 
 from __future__ import annotations
@@ -148,14 +149,14 @@ class TrainingReport(TrainerCallback):
         self.summary: ReportSummary | None = None
         self._pending_tokens = 0
         self._step_start = 0.0
+        self._events: tuple | None = None
         self._losses: dict[int, float] = {}
 
     def add_tokens(self, n: int) -> None:
         self._pending_tokens += int(n)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     # -- TrainerCallback hooks
     def on_train_begin(self, args, state, control, **kwargs):
@@ -163,12 +164,19 @@ class TrainingReport(TrainerCallback):
         self.meter.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
+        if self._cuda():
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._sync()
-        self.records.append(StepRecord(state.global_step, time.perf_counter() - self._step_start, self._pending_tokens))
+        if self._cuda():
+            self._events[1].record()
+            self._events[1].synchronize()
+            seconds = self._events[0].elapsed_time(self._events[1]) / 1000.0
+        else:
+            seconds = time.perf_counter() - self._step_start
+        self.records.append(StepRecord(state.global_step, seconds, self._pending_tokens))
         self._pending_tokens = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
