@@ -133,15 +133,14 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
     mn = np.minimum(x.min(axis=-1), 0).astype(np.float32)
     mx = x.max(axis=-1)
     flat = mx == mn
-    rng = np.where(flat, _F(1), mx - mn)
     sum_w = _rsum(w)
     sum_x = _rsum(w * x)
-    xm = x - mn[:, None]
     lv = np.empty_like(x)
     tmp = np.empty_like(x)
 
-    def levels_for(iscale):  # into lv: clip(nearest_int(iscale * (x - min)), 0, nmax)
-        np.multiply(iscale[:, None], xm, out=lv)
+    def levels_for(iscale, offset):  # into lv: clip(nearest_int(iscale * (x - offset)), 0, nmax)
+        np.subtract(x, offset[:, None], out=lv)
+        np.multiply(iscale[:, None], lv, out=lv)
         np.rint(lv, out=lv)
         return np.clip(lv, 0, nmax, out=lv)
 
@@ -156,32 +155,34 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         np.multiply(w, tmp, out=tmp)
         return _rsum(tmp)
 
-    best_iscale = _F(nmax) / rng
-    scale = _F(1) / best_iscale
-    levels_for(best_iscale)
+    rng = np.where(flat, _F(1), mx - mn)
+    iscale0 = _F(nmax) / rng
+    scale = _F(1) / iscale0
+    levels = levels_for(iscale0, mn).copy()
     best = error(scale, mn)
     for i in range(nstep + 1):
+        # As llama.cpp: each candidate's grid starts at the current best minimum (updated in the loop).
+        rng = np.where(flat | (mx == mn), _F(1), mx - mn)
         iscale = (_F(rmin) + _F(rdelta) * _F(i) + _F(nmax)) / rng
-        levels_for(iscale)
+        levels_for(iscale, mn)
         wl = np.multiply(w, lv, out=tmp)
         sum_l = _rsum(wl)
         sum_xl = _rsum(wl * x)
         sum_l2 = _rsum(np.multiply(wl, lv, out=tmp))
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
-        pos = this_min > 0
-        this_min = np.where(pos, _F(0), this_min)
-        this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            pos = this_min > 0
+            this_min = np.where(pos, _F(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
         cur = error(this_scale, this_min)
-        better = ok & (cur < best)
+        better = ok & (cur < best) & ~flat
         best = np.where(better, cur, best)
-        best_iscale = np.where(better, iscale, best_iscale)
+        levels[better] = lv[better]
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    # The kept levels are those of the best candidate: recompute them (same arithmetic, same values).
-    levels = levels_for(best_iscale).copy()
     levels[flat] = 0
     scale = np.where(flat, _F(0), scale)
     return scale, -mn, levels

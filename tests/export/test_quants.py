@@ -101,8 +101,8 @@ def ref_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
         return F(0), -lo, np.zeros(len(x), F)
     sum_w, sum_x = w.sum(), (w * x).sum()
 
-    def levels(iscale):
-        return np.clip(np.rint(iscale * (x - lo)), 0, nmax).astype(F)
+    def levels(iscale, offset):
+        return np.clip(np.rint(iscale * (x - offset)), 0, nmax).astype(F)
 
     def error(scale, m, lv):
         diff = scale * lv + m - x
@@ -110,10 +110,11 @@ def ref_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
 
     iscale = F(nmax) / (hi - lo)
     scale, mn = F(1) / iscale, lo
-    best_l = levels(iscale)
+    best_l = levels(iscale, lo)
     best = error(scale, mn, best_l)
     for i in range(nstep + 1):
-        lv = levels((F(rmin) + F(rdelta) * F(i) + F(nmax)) / (hi - lo))
+        # llama.cpp starts each candidate grid at the current best minimum, which the loop updates.
+        lv = levels((F(rmin) + F(rdelta) * F(i) + F(nmax)) / (hi - mn), mn)
         sum_l, sum_l2, sum_xl = (w * lv).sum(), (w * lv * lv).sum(), (w * lv * x).sum()
         det = sum_w * sum_l2 - sum_l * sum_l
         if det > 0:
