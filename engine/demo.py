@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     after = exact_match(model, tokenizer, held_out, is_correct)
     print(f"held-out exact match after fine-tuning:  {after:.0%}  (e.g. {held_out[0]['prompt']!r} -> "
           f"{answer(model, tokenizer, held_out[0]['prompt'])!r}, expected {held_out[0]['completion']!r})")
-    return {"before": before, "after": after, "summary": trainer.training_summary}
+    return {"before": before, "after": after, "summary": trainer.training_summary, "model": model, "tokenizer": tokenizer}
 
 
 if __name__ == "__main__":

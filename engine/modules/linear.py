@@ -130,9 +130,9 @@ class Linear(nn.Module):
             self.bias.requires_grad_(False)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W + scaling * B @ A`` computed in fp32, returned in ``dtype`` (the base weight if no adapter)."""
+        """``W + scaling * B @ A`` computed in fp32, returned in ``dtype`` (the base weight if no adapter or disabled)."""
         w = self.base_weight(torch.float32).clone()
-        if self.has_lora:
+        if self.has_lora and self.adapter_enabled:
             w.addmm_(self.lora_B.detach().float(), self.lora_A.detach().float(), alpha=self.lora_scaling)
         return w.to(dtype)
 
