@@ -1,0 +1,124 @@
+"""Write a LoRA adapter as a llama.cpp LoRA GGUF (``llama-cli -m base.gguf --lora adapter.gguf``).
+
+Layout as llama.cpp's ``convert_lora_to_gguf.py``: ``general.type = "adapter"``,
+``adapter.type = "lora"``, ``adapter.lora.alpha``; for each adapted projection two tensors,
+``<base tensor name>.lora_a`` (PyTorch ``[r, in]``, GGUF ``ne = [in, r]``) and ``.lora_b``
+(``[out, r]``, ``ne = [r, out]``). llama.cpp scales by ``alpha / r``; we write
+``alpha = scaling * r`` so rsLoRA (``alpha / sqrt(r)``) adapters keep their scale.
+
+The base file's Q/K rows are permuted for ``llama`` models (see
+:func:`engine.export.gguf_export.permute_qk`); since ``W + s B A`` has the rows of ``B``, the same
+row permutation is applied to ``lora_b`` of ``attn_q``/``attn_k`` (as the converter's
+``LoraTorchTensor`` does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
+
+from engine.errors import ConfigurationError
+
+__all__ = ["lora_tensor_names", "save_lora_gguf"]
+
+_HF_TO_GGUF = {
+    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+}
+
+
+def lora_tensor_names(module_name: str) -> str:
+    """llama.cpp base name (``blk.3.attn_q.weight``) of an adapted module (``model.layers.3.self_attn.q_proj``)."""
+    parts = module_name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+        raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")
+    kind = _HF_TO_GGUF.get(".".join(parts[3:]))
+    if kind is None:
+        raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")
+    return TENSOR_NAMES[kind].format(bid=int(parts[2])) + ".weight"
+
+
+def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write ``model``'s LoRA adapter as ``<name>-LoRA-<F32|F16>.gguf`` in ``save_directory``.
+
+    Args:
+        model (CausalLM): a model with LoRA adapters (``FastModel.get_peft_model``).
+        save_directory: output folder (created).
+        dtype: ``"f32"`` or ``"f16"`` tensors.
+
+    Returns:
+        The file's path.
+
+    Raises:
+        ConfigurationError: the model has no adapter, adapters differ in scale, or ``dtype`` is unknown.
+    """
+    from engine.export.gguf_export import (
+        _GGUF_ARCH,
+        _PERMUTED_ARCHS,
+        _check_architecture,
+        _Tensor,
+        model_name,
+        permute_qk,
+        write_gguf,
+    )
+    from engine.peft import lora_modules
+
+    if dtype not in ("f32", "f16"):
+        raise ConfigurationError(f"LoRA GGUF dtype must be 'f32' or 'f16', not {dtype!r}")
+    qtype = QT.F32 if dtype == "f32" else QT.F16
+    mt = _check_architecture(model)
+    modules = lora_modules(model)
+    if not modules:
+        raise ConfigurationError("the model has no LoRA adapter; add one with FastModel.get_peft_model first")
+    alphas = {round(m.lora_scaling * m.lora_r, 6) for m in modules.values()}
+    if len(alphas) != 1:
+        raise ConfigurationError(
+            f"llama.cpp LoRA GGUF holds one alpha for all modules, but the adapters have alpha values {sorted(alphas)}"
+        )
+    alpha = alphas.pop()
+    args = model.args
+    tensors: list[_Tensor] = []
+    for module_name, mod in modules.items():
+        base = lora_tensor_names(module_name)
+        heads = None
+        if mt in _PERMUTED_ARCHS and ".attn_q." in base:
+            heads = args.num_heads
+        elif mt in _PERMUTED_ARCHS and ".attn_k." in base:
+            heads = args.num_kv_heads
+
+        def a_data(mod=mod) -> np.ndarray:
+            return mod.lora_A.detach().to("cpu", torch.float32).contiguous().numpy()
+
+        def b_data(mod=mod, heads=heads) -> np.ndarray:
+            b = mod.lora_B.detach().to("cpu", torch.float32)
+            return (permute_qk(b, heads) if heads else b).contiguous().numpy()
+
+        tensors.append(_Tensor(base + ".lora_a", tuple(mod.lora_A.shape), qtype, a_data))
+        tensors.append(_Tensor(base + ".lora_b", tuple(mod.lora_B.shape), qtype, b_data))
+
+    name = model_name(model)
+
+    def metadata(writer: gguf.GGUFWriter) -> int:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        writer.add_name(name)
+        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        return 4096
+
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-LoRA-{dtype.upper()}.gguf"
+    return write_gguf(path, _GGUF_ARCH[mt], metadata, tensors, desc="LoRA GGUF")
