@@ -2,36 +2,44 @@
 
 Every op in :mod:`kernels` has a PyTorch implementation (what CPUs run, and the
 reference the Triton kernels are tested against). Ops that also have a Triton
-implementation list it in ``TRITON_OPS``. The choice is made from one
+implementation are listed in ``TRITON_OPS``. The choice is made from one
 documented switch, the ``ENGINE_KERNELS`` environment variable:
 
-* unset or ``auto``: Triton on CUDA tensors when the op has a Triton kernel and
-  triton is importable, PyTorch otherwise;
+* unset or ``auto``: Triton on CUDA tensors for the ops in ``TRITON_OPS`` (when
+  triton is installed), PyTorch otherwise;
 * ``torch``: always the PyTorch implementation;
-* ``triton``: always Triton (on CPU this needs ``TRITON_INTERPRET=1`` set before
-  triton is first imported).
+* ``triton``: Triton for every op that has a Triton kernel, on any device; on a
+  machine without CUDA the kernels run under Triton's CPU interpreter
+  (``TRITON_INTERPRET=1``, which :mod:`kernels._triton` turns on when this is set
+  before the kernels are imported). Ops without a Triton kernel run PyTorch.
 
-Both paths compute the same math; which one ran can be asked with
-:func:`describe_backends`.
+Both paths compute the same math. :func:`describe_backends` says which one each op
+would take; :func:`record_backends` records which one each op actually took.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextvars
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
+from kernels._triton import HAS_TRITON, interpreting
 from kernels.errors import ConfigurationError
 
 ENV_VAR = "ENGINE_KERNELS"
 CHOICES = ("auto", "torch", "triton")
 
-#: Ops with a Triton implementation. Filled in as kernels land (see docs/kernels.md).
-TRITON_OPS: frozenset[str] = frozenset()
+#: Ops with a Triton implementation (see docs/kernels.md).
+TRITON_OPS: frozenset[str] = frozenset({"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"})
 
 #: Every op behind this dispatch point.
 OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy", "token_log_probs")
+
+# The recorder of the innermost active ``record_backends()`` block (None outside one).
+_RECORDER: contextvars.ContextVar[dict[str, set[str]] | None] = contextvars.ContextVar("engine_kernel_recorder", default=None)
 
 
 def requested_backend() -> str:
@@ -45,33 +53,59 @@ def requested_backend() -> str:
     return value
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def select_backend(op: str, device: torch.device | str) -> str:
     """Return ``"torch"`` or ``"triton"`` for ``op`` running on ``device``.
 
     Raises:
-        ConfigurationError: if Triton is forced but the op has no Triton kernel
-            or triton is not installed.
+        ConfigurationError: unknown op; or Triton forced while triton is not installed, or forced
+            for CPU tensors without the interpreter.
     """
     if op not in OPS:
         raise ConfigurationError(f"unknown op {op!r}; known ops: {', '.join(OPS)}")
+    backend = _choose(op, torch.device(device))
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.setdefault(op, set()).add(backend)
+    return backend
+
+
+def _choose(op: str, device: torch.device) -> str:
     requested = requested_backend()
-    if requested == "torch":
+    if requested == "torch" or op not in TRITON_OPS:
         return "torch"
-    has_kernel = op in TRITON_OPS and _triton_available()
     if requested == "triton":
-        if not has_kernel:
+        if not HAS_TRITON:
             raise ConfigurationError(
-                f"{ENV_VAR}=triton was set but op {op!r} has no Triton kernel "
-                f"(or triton is not installed); unset {ENV_VAR} or set it to 'torch'."
+                f"{ENV_VAR}=triton was set but triton is not installed (it exists for Linux only); "
+                f"pip install triton, or unset {ENV_VAR}."
+            )
+        if device.type != "cuda" and not interpreting():
+            raise ConfigurationError(
+                f"{ENV_VAR}=triton on {device.type} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "(or set ENGINE_KERNELS=triton) before the engine is imported, or unset ENGINE_KERNELS."
             )
         return "triton"
-    return "triton" if has_kernel and torch.device(device).type == "cuda" else "torch"
+    return "triton" if HAS_TRITON and device.type == "cuda" and not interpreting() else "torch"
+
+
+@contextmanager
+def record_backends() -> Iterator[dict[str, set[str]]]:
+    """Record the backend every dispatched op takes inside the block: ``{op: {"torch" | "triton"}}``.
+
+    Example::
+
+        with record_backends() as used:
+            model(**batch).loss.backward()
+        print(used)   # {"rms_norm": {"triton"}, "rope": {"triton"}, ...}
+    """
+    used: dict[str, set[str]] = {}
+    token = _RECORDER.set(used)
+    try:
+        yield used
+    finally:
+        _RECORDER.reset(token)
 
 
 def describe_backends(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Which implementation each op uses on ``device`` under the current setting."""
-    return {op: select_backend(op, device) for op in OPS}
+    """Which implementation each op would use on ``device`` under the current setting."""
+    return {op: _choose(op, torch.device(device)) for op in OPS}

@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Triton kernels are tested on CPU under Triton's interpreter; it must be on before any kernel file is
+# imported (its @triton.jit decorators read it). With a GPU, the compiled kernels run on CUDA tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import transformers
 
 from engine.assets import smollm2_gguf_path

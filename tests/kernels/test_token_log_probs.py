@@ -178,7 +178,11 @@ def test_token_log_probs_dispatch(monkeypatch):
     out = linear_token_log_probs(h, torch.randn(11, 8), torch.tensor([1, 2]))
     assert out.grad_fn._forward_cls is LinearTokenLogProbsFunction
     assert "token_log_probs" in dispatch.OPS
-    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")  # no Triton kernel for this op: it stays on PyTorch
+    with dispatch.record_backends() as used:
+        linear_token_log_probs(h, torch.randn(11, 8), torch.tensor([1, 2]))
+    assert used == {"token_log_probs": {"torch"}}
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
     with pytest.raises(ConfigurationError):
         linear_token_log_probs(h, torch.randn(11, 8), torch.tensor([1, 2]))
 
