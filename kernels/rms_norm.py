@@ -12,13 +12,22 @@ Backward, with ``g = dy * w`` (fp32)::
     dw = sum_rows(dy * cast(xhat, x.dtype))
 
 Saved for backward: ``x`` (the input itself, no copy), ``w`` and ``rstd`` (one fp32 per row).
-``xhat`` is recomputed. The backward never writes into its inputs.
+``xhat`` is recomputed. The backward never writes into its inputs (autograd may share ``dy``
+with other consumers), so it is safe whatever the caller does with them.
+
+Triton kernels: the forward reads a row once and writes ``y`` and ``rstd``; the backward runs
+a persistent grid (about one program per multiprocessor), each program walking its share of the
+rows, writing ``dx`` and accumulating its partial ``dw`` in fp32 registers; the partials
+(``[programs, H]``) are summed afterwards. Bytes per element: forward reads ``x`` and writes
+``y`` (2 accesses; unfused PyTorch makes ~8: cast, square, mean, multiply, cast, scale);
+backward reads ``x``, ``dy`` and writes ``dx`` (3 accesses).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 
@@ -53,6 +62,209 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, None
 
 
+# --------------------------------------------------------------------------- Triton
+
+
+@jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+    """One row per program: ``y = w * cast(x * rstd)``, ``rstd`` stored for backward."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)  # Llama: cast before scaling
+    tl.store(Y + row * stride_y + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@jit
+def _rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+    BLOCK: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
+):
+    """Rows ``[pid * rows_per_program, ...)``: ``dx`` per row, this program's ``dw`` partial summed in fp32."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_program  # int64 row offsets: no overflow on long packed batches
+    end = tl.minimum(start + rows_per_program, n_rows)
+    for row64 in range(start, end):
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row64)
+        xhat = x * rstd
+        if HAS_DX:
+            g = dy * w
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            # As the reference: the product is rounded to the input dtype, then summed in fp32.
+            xcast = xhat.to(X.dtype.element_ty).to(tl.float32)
+            dw += (dy * xcast).to(X.dtype.element_ty).to(tl.float32)
+    if HAS_DW:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+@jit
+def _rms_norm_bwd_dot_kernel(DY, X, W, RSTD, DOT, stride_dy, stride_x, n_cols, BLOCK: tl.constexpr):
+    """Wide rows, step 1: ``dot = mean(dy * w * xhat)`` per row (one row per program)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DOT + row, tl.sum(dy * w * x, axis=0) * tl.load(RSTD + row) / n_cols)
+
+
+@jit
+def _rms_norm_bwd_tiled_kernel(
+    DY, X, W, RSTD, DOT, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+    TILE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
+):
+    """Wide rows, step 2: program ``(p, t)`` walks rows of ``p`` over column tile ``t``: ``dx`` and ``dw``."""
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((TILE,), dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    for row64 in range(start, end):
+        x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row64)
+        xhat = x * rstd
+        if HAS_DX:
+            dx = rstd * (dy * w - xhat * tl.load(DOT + row64))
+            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            xcast = xhat.to(X.dtype.element_ty).to(tl.float32)
+            dw += (dy * xcast).to(X.dtype.element_ty).to(tl.float32)
+    if HAS_DW:
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+#: Rows wider than this take the two-step backward (a whole row of x, dy, w and dw no longer fits in registers).
+MAX_FUSED_BACKWARD = 4096
+#: Column tile of the two-step backward.
+WIDE_TILE = 2048
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` for rows of ``n_cols``: the whole row in one block, more warps for wider rows."""
+    block = next_power_of_2(n_cols)
+    if block > 65536:
+        raise ValueError(f"RMSNorm Triton kernel supports rows up to 65536 wide, got {n_cols}")
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, num_warps
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    """Persistent grid: about one program per multiprocessor (a few on CPU under the interpreter)."""
+    slots = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n_rows, slots))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class RMSNormTritonFunction(torch.autograd.Function):
+    """The Triton kernels behind the same math as :class:`RMSNormFunction`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rows = _as_rows(x)
+        n_rows, n_cols = rows.shape
+        out_dtype = torch.result_type(weight, x)
+        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        block, num_warps = _launch_config(n_cols)
+        weight_c = weight.contiguous()
+        _rms_norm_fwd_kernel[(n_rows,)](
+            rows, weight_c, y, rstd, rows.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=num_warps
+        )
+        ctx.save_for_backward(rows, weight_c, rstd)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], n_cols)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = rows.shape
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (want_dx or want_dw):
+            return None, None, None
+        dy_rows = _as_rows(dy)
+        dx = torch.empty_like(rows) if want_dx else rows  # a placeholder pointer when not written
+        programs = _backward_programs(n_rows, rows.device)
+        partial = torch.empty((programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=rows.device)
+        block, num_warps = _launch_config(n_cols)
+        if block <= MAX_FUSED_BACKWARD:
+            _rms_norm_bwd_kernel[(programs,)](
+                dy_rows, rows, weight, rstd, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
+                n_rows, n_cols, cdiv(n_rows, programs), BLOCK=block, HAS_DX=want_dx, HAS_DW=want_dw,
+                num_warps=num_warps,
+            )
+        else:
+            dot = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
+            if want_dx:
+                _rms_norm_bwd_dot_kernel[(n_rows,)](
+                    dy_rows, rows, weight, rstd, dot, dy_rows.stride(0), rows.stride(0), n_cols,
+                    BLOCK=block, num_warps=num_warps,
+                )
+            _rms_norm_bwd_tiled_kernel[(programs, cdiv(n_cols, WIDE_TILE))](
+                dy_rows, rows, weight, rstd, dot, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
+                n_rows, n_cols, cdiv(n_rows, programs), TILE=WIDE_TILE, HAS_DX=want_dx, HAS_DW=want_dw, num_warps=8,
+            )
+        dx_out = dx.view(ctx.x_shape) if want_dx else None
+        dw_out = partial.sum(0).to(weight.dtype) if want_dw else None
+        return dx_out, dw_out, None
+
+
+#: Model shapes the audit compiles (name, hidden size).
+_AUDIT_SHAPES = (("smollm2-135m", 576), ("llama-3.1-8b", 4096), ("qwen3 head_dim q/k norm", 128), ("llama-3.1-70b", 8192))
+
+
+def audit_launches() -> list[AuditLaunch]:
+    """The forward and backward launches for representative hidden sizes, in bf16 (fp16 for one)."""
+    launches = []
+    for name, hidden in _AUDIT_SHAPES:
+        block, num_warps = _launch_config(hidden)
+        for dtype in (torch.bfloat16,) + ((torch.float16,) if hidden == 4096 else ()):
+            ptr, tag = dtype_signature(dtype), str(dtype).removeprefix("torch.")
+            fwd_sig = {"X": ptr, "W": ptr, "Y": ptr, "RSTD": "*fp32", "stride_x": "i32", "stride_y": "i32",
+                       "n_cols": "i32", "eps": "fp32"}
+            launches.append(AuditLaunch("rms_norm", _rms_norm_fwd_kernel, fwd_sig, {"BLOCK": block}, num_warps,
+                                        f"{name} H={hidden} {tag} fwd"))
+            sizes = {"stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
+                     "rows_per_program": "i32"}
+            flags = {"HAS_DX": True, "HAS_DW": True}
+            if block <= MAX_FUSED_BACKWARD:
+                bwd_sig = {"DY": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DX": ptr, "DW_PARTIAL": "*fp32", **sizes}
+                launches.append(AuditLaunch("rms_norm", _rms_norm_bwd_kernel, bwd_sig, {"BLOCK": block, **flags},
+                                            num_warps, f"{name} H={hidden} {tag} bwd"))
+                continue
+            dot_sig = {"DY": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DOT": "*fp32", "stride_dy": "i32",
+                       "stride_x": "i32", "n_cols": "i32"}
+            launches.append(AuditLaunch("rms_norm", _rms_norm_bwd_dot_kernel, dot_sig, {"BLOCK": block}, num_warps,
+                                        f"{name} H={hidden} {tag} bwd step 1"))
+            tiled_sig = {"DY": ptr, "X": ptr, "W": ptr, "RSTD": "*fp32", "DOT": "*fp32", "DX": ptr,
+                         "DW_PARTIAL": "*fp32", **sizes}
+            launches.append(AuditLaunch("rms_norm", _rms_norm_bwd_tiled_kernel, tiled_sig,
+                                        {"TILE": WIDE_TILE, **flags}, 8, f"{name} H={hidden} {tag} bwd step 2"))
+    return launches
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm over the last dimension.
 
@@ -67,4 +279,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     return _IMPLEMENTATIONS[select_backend("rms_norm", x.device)](x, weight, eps)
 
 
-_IMPLEMENTATIONS = {"torch": RMSNormFunction.apply}
+_IMPLEMENTATIONS = {"torch": RMSNormFunction.apply, "triton": RMSNormTritonFunction.apply}
