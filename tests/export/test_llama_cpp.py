@@ -364,3 +364,17 @@ def test_sentencepiece_tokenizer_in_llama_cpp(sentencepiece_folder, tmp_path):
         byte_tokens += sum(tokenizer.convert_ids_to_tokens(t).startswith("<0x") for t in expected)
     assert byte_tokens > 0  # the byte-fallback path was exercised
     llm.close()
+
+
+def test_bpe_tokenizer_in_llama_cpp(tiny_chat_folder, tmp_path):
+    """SmolLM2's byte-level BPE (with its pre-tokenizer id) tokenizes in llama.cpp as in transformers."""
+    model, tokenizer = FastModel.from_pretrained(str(tiny_chat_folder), dtype="float32", verbose=False)
+    (path,) = model.save_pretrained_gguf(tmp_path, tokenizer, quantization_method="f16", write_modelfile=False)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    rows = load_jsonl("eval", "sft")[:3]
+    texts = [*SPM_TEXTS, *(tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows)]
+    for text in texts:
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"]
+        got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert got == expected, f"{text!r}: llama.cpp {got}, transformers {expected}"
+    llm.close()
