@@ -171,7 +171,7 @@ class FastModel:
             print(
                 f"engine: loaded {args.model_type} ({args.num_layers} layers, hidden {args.hidden_size}) from {source.name} "
                 f"| {str(torch_dtype).replace('torch.', '')}{' + NF4 4-bit' if load_in_4bit else ''} on {device} "
-                f"| memory footprint {model.get_memory_footprint() / 2**20:.1f} MiB"
+                f"| memory footprint {model.get_memory_footprint() / 2**20:.1f} MiB | {_kernel_summary(device)}"
             )
         return model, tokenizer
 
@@ -286,3 +286,17 @@ class FastModel:
 
 #: Unsloth's older name for the same entry points.
 FastLanguageModel = FastModel
+
+
+def _kernel_summary(device) -> str:
+    """``"kernels: triton (rms_norm, rope, ...), torch (the rest)"`` for the load message."""
+    from kernels import describe_backends
+
+    backends = describe_backends(device)
+    triton_ops = [op for op, backend in backends.items() if backend == "triton"]
+    if not triton_ops:
+        return "kernels: PyTorch"
+    from kernels._triton import interpreting
+
+    where = " (Triton's CPU interpreter: slow, for testing)" if interpreting() else ""
+    return f"kernels: Triton{where} for {', '.join(triton_ops)}; PyTorch for the rest"

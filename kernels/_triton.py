@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 INTERPRET_ENV = "TRITON_INTERPRET"
@@ -96,6 +96,7 @@ class AuditLaunch:
         num_warps: warps per program, as the wrapper launches it.
         shape: the model shape this launch stands for, for the report (``"hidden=4096 bf16"``).
         num_stages: software-pipelining stages (Triton's default 3 unless the wrapper sets one).
+        options: other compile options the wrapper passes at launch (``{"enable_fp_fusion": False}``).
     """
 
     op: str
@@ -105,6 +106,7 @@ class AuditLaunch:
     num_warps: int
     shape: str
     num_stages: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -119,7 +119,7 @@ def compile_launch(launch, cc: int) -> AuditRow:
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages, **launch.options},
     )
     usage = resource_usage(compiled.asm["cubin"])
     shared = int(compiled.metadata.shared) + usage["SHARED"]

@@ -828,6 +828,7 @@ def audit_launches() -> list[AuditLaunch]:
                         },
                         num_warps=num_warps,
                         shape=f"{name} {rows}x{cols} {dtype_name}{' dq' if double_quant else ''}",
+                        options={"enable_fp_fusion": False},
                     )
                 )
     return launches

@@ -60,3 +60,14 @@ def test_model_with_triton_kernels_equals_torch_path(hf_folders, monkeypatch, fa
     assert set(grads_x) == set(grads_t) and len(grads_t) > 0
     for name in grads_t:
         assert_close(grads_x[name], grads_t[name], torch.float32, name, reduction=True)
+
+
+def test_load_message_reports_the_kernel_backends(hf_folders, monkeypatch, capsys):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    FastModel.from_pretrained(str(hf_folders["llama"]), dtype="float32")
+    assert capsys.readouterr().out.strip().endswith("| kernels: PyTorch")
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    FastModel.from_pretrained(str(hf_folders["llama"]), dtype="float32")
+    line = capsys.readouterr().out.strip()
+    assert "kernels: Triton (Triton's CPU interpreter: slow, for testing) for rms_norm, rope, swiglu" in line
+    assert line.endswith("PyTorch for the rest")
