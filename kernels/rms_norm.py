@@ -80,6 +80,13 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: 
 
 
 @jit
+def _dw_term(dy, xhat, X):
+    """One row's ``dy * cast(xhat)``, rounded to the input dtype as the reference's product is (fp32 out)."""
+    xcast = xhat.to(X.dtype.element_ty).to(tl.float32)
+    return (dy * xcast).to(X.dtype.element_ty).to(tl.float32)
+
+
+@jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
     BLOCK: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
@@ -102,9 +109,7 @@ def _rms_norm_bwd_kernel(
             dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:
-            # As the reference: the product is rounded to the input dtype, then summed in fp32.
-            xcast = xhat.to(X.dtype.element_ty).to(tl.float32)
-            dw += (dy * xcast).to(X.dtype.element_ty).to(tl.float32)
+            dw += _dw_term(dy, xhat, X)
     if HAS_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
@@ -143,8 +148,7 @@ def _rms_norm_bwd_tiled_kernel(
             dx = rstd * (dy * w - xhat * tl.load(DOT + row64))
             tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:
-            xcast = xhat.to(X.dtype.element_ty).to(tl.float32)
-            dw += (dy * xcast).to(X.dtype.element_ty).to(tl.float32)
+            dw += _dw_term(dy, xhat, X)
     if HAS_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 

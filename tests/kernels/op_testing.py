@@ -93,3 +93,46 @@ def record_saved():
 def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     """Default RoPE inverse frequencies ``[head_dim // 2]``."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+# --------------------------------------------------------------------------- vocabulary-op fixtures
+
+IGNORE = -100
+
+
+def random_labels(n: int, vocab: int, pattern: str, seed: int = 0) -> torch.Tensor:
+    """Random int64 targets ``[n]`` with ``IGNORE`` placed by ``pattern``.
+
+    Patterns: ``none``, ``middle`` (a run in the middle), ``ends`` (first two and last), ``scattered``
+    (~30% and the first), ``all_but_one``. The first and last kept targets are 0 and ``vocab - 1`` so the
+    edge vocabulary ids are always exercised.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    if pattern == "middle":
+        y[n // 3 : n // 3 + max(1, n // 4)] = IGNORE
+    elif pattern == "ends":
+        y[0] = y[-1] = IGNORE
+        if n > 4:
+            y[1] = IGNORE
+    elif pattern == "scattered":
+        y[torch.rand(n, generator=g) < 0.3] = IGNORE
+        y[0] = IGNORE
+    elif pattern == "all_but_one":
+        y[torch.arange(n) != n // 2] = IGNORE
+    elif pattern != "none":
+        raise AssertionError(f"unknown label pattern {pattern!r}")
+    valid = (y != IGNORE).nonzero().flatten()
+    if len(valid) >= 2:
+        y[valid[0]], y[valid[-1]] = 0, vocab - 1
+    return y
+
+
+def direct_cross_entropy(hidden, weight, labels, reduction="mean", softcap=None, num_items=None, ignore_index=IGNORE):
+    """Independent oracle: full logits and ``F.cross_entropy``'s own reductions."""
+    logits = (hidden @ weight.T).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if num_items is not None and reduction == "mean":
+        return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)

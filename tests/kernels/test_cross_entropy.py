@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels.cross_entropy import (
@@ -20,48 +19,23 @@ from kernels.cross_entropy import (
 )
 from kernels.errors import ConfigurationError
 from kernels.lora_linear import lora_linear
-from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
+from tests.kernels.op_testing import (
+    DTYPES,
+    IGNORE,
+    assert_close,
+    direct_cross_entropy,
+    grads,
+    leaf,
+    random_labels,
+    record_saved,
+)
 
 # --------------------------------------------------------------------------- fused linear cross-entropy
 
-IGNORE = -100
 
 
-def _labels(n: int, vocab: int, pattern: str, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, vocab, (n,), generator=g)
-    if pattern == "none":
-        return y
-    if pattern == "middle":
-        y[n // 3 : n // 3 + max(1, n // 4)] = IGNORE
-    elif pattern == "ends":
-        y[0] = IGNORE
-        y[-1] = IGNORE
-        if n > 4:
-            y[1] = IGNORE
-    elif pattern == "all_but_one":
-        keep = n // 2
-        y[torch.arange(n) != keep] = IGNORE
-    elif pattern == "scattered":
-        y[torch.rand(n, generator=g) < 0.3] = IGNORE
-        y[0] = IGNORE
-    else:
-        raise AssertionError(pattern)
-    # Edge vocab ids must be reachable targets too.
-    valid = (y != IGNORE).nonzero().flatten()
-    if len(valid) >= 2:
-        y[valid[0]], y[valid[-1]] = 0, vocab - 1
-    return y
 
 
-def _direct_ce(hidden, weight, labels, reduction="mean", softcap=None, num_items=None, ignore_index=IGNORE):
-    """Independent oracle: full logits and F.cross_entropy's own reductions."""
-    logits = (hidden @ weight.T).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    if num_items is not None and reduction == "mean":
-        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
 
 
 def _run_ce(hidden0, weight0, labels, dtype, w_grad=True, grad_scale=1.0, **kwargs):
@@ -97,10 +71,10 @@ def test_cross_entropy_matches_reference(n, hdim, vocab, chunk, pattern, dtype):
     torch.manual_seed(21)
     hidden0 = torch.randn(n, hdim)
     weight0 = torch.randn(vocab, hdim) * hdim**-0.5 * 2.0
-    labels = _labels(n, vocab, pattern)
+    labels = random_labels(n, vocab, pattern)
     loss, ref, got, want, (h, w) = _run_ce(hidden0, weight0, labels, dtype, chunk_size=chunk)
     assert_close(loss, ref, dtype, "ce.loss", reduction=True)
-    assert_close(loss, _direct_ce(h.detach(), w.detach(), labels), dtype, "ce.loss_vs_F", reduction=True)
+    assert_close(loss, direct_cross_entropy(h.detach(), w.detach(), labels), dtype, "ce.loss_vs_F", reduction=True)
     assert_close(got[0], want[0], dtype, "ce.dhidden", reduction=True)
     assert_close(got[1], want[1], dtype, "ce.dweight", reduction=True)
     # Ignored tokens get exactly zero gradient.
@@ -127,13 +101,13 @@ def test_cross_entropy_options(options, chunk, dtype):
     n, hdim, vocab = 19, 80, 1009
     hidden0 = torch.randn(n, hdim) * 3.0  # large logits so that softcap 30 actually bends them
     weight0 = torch.randn(vocab, hdim) * hdim**-0.5 * 4.0
-    labels = _labels(n, vocab, "middle")
+    labels = random_labels(n, vocab, "middle")
     kwargs = dict(options)
     if "ignore_index" in kwargs:
         labels = torch.where(labels == IGNORE, torch.tensor(kwargs["ignore_index"]), labels)
         labels[labels.eq(kwargs["ignore_index"]).nonzero()[0]] = 3  # ensure 3 (the ignore id) appears
     loss, ref, got, want, (h, w) = _run_ce(hidden0, weight0, labels, dtype, chunk_size=chunk, grad_scale=2.5, **kwargs)
-    direct = _direct_ce(
+    direct = direct_cross_entropy(
         h.detach(),
         w.detach(),
         labels,
@@ -155,7 +129,7 @@ def test_cross_entropy_options(options, chunk, dtype):
 def test_cross_entropy_frozen_weight_returns_no_weight_grad(dtype):
     torch.manual_seed(23)
     hidden0, weight0 = torch.randn(7, 80), torch.randn(1009, 80) * 0.2
-    labels = _labels(7, 1009, "ends")
+    labels = random_labels(7, 1009, "ends")
     loss, ref, got, want, (h, w) = _run_ce(hidden0, weight0, labels, dtype, w_grad=False, chunk_size=3)
     assert_close(loss, ref, dtype, "ce.loss", reduction=True)
     assert_close(got[0], want[0], dtype, "ce.dhidden", reduction=True)
@@ -174,7 +148,7 @@ def test_cross_entropy_frozen_weight_returns_no_weight_grad(dtype):
 def test_cross_entropy_frozen_hidden_weight_grad_only():
     torch.manual_seed(24)
     hidden0, weight0 = torch.randn(7, 80), torch.randn(1009, 80) * 0.2
-    labels = _labels(7, 1009, "middle")
+    labels = random_labels(7, 1009, "middle")
     w, wr = leaf(weight0), leaf(weight0)
     loss = fused_linear_cross_entropy(hidden0, w, labels, chunk_size=2)
     ref = cross_entropy_reference(hidden0, wr, labels)
@@ -206,7 +180,7 @@ def test_cross_entropy_all_ignored():
 def test_cross_entropy_chunking_invariance_and_default_chunk():
     torch.manual_seed(26)
     hidden0, weight0 = torch.randn(31, 80), torch.randn(1009, 80) * 0.3
-    labels = _labels(31, 1009, "scattered")
+    labels = random_labels(31, 1009, "scattered")
     results = []
     for chunk in (1, 4, 7, 31, 1000, None):
         h, w = leaf(hidden0), leaf(weight0)
@@ -226,7 +200,7 @@ def test_cross_entropy_never_keeps_full_logits():
     torch.manual_seed(27)
     n, hdim, vocab = 64, 80, 1009
     h, w = leaf(torch.randn(n, hdim)), leaf(torch.randn(vocab, hdim) * 0.2)
-    labels = _labels(n, vocab, "none")
+    labels = random_labels(n, vocab, "none")
     with record_saved() as saved:
         fused_linear_cross_entropy(h, w, labels, chunk_size=8)
     shapes = [shape for shape, _, _ in saved]
@@ -236,7 +210,7 @@ def test_cross_entropy_never_keeps_full_logits():
 def test_cross_entropy_no_grad_forward():
     torch.manual_seed(28)
     hidden0, weight0 = torch.randn(5, 80), torch.randn(1009, 80) * 0.2
-    labels = _labels(5, 1009, "ends")
+    labels = random_labels(5, 1009, "ends")
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden0, weight0, labels, chunk_size=2)
     assert_close(loss, cross_entropy_reference(hidden0, weight0, labels), torch.float32, "ce.loss")

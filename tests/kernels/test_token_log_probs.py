@@ -15,27 +15,11 @@ from kernels.token_log_probs import (
     linear_token_log_probs,
     token_log_probs_reference,
 )
-from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
+from tests.kernels.op_testing import DTYPES, IGNORE, assert_close, grads, leaf, random_labels, record_saved
 
-IGNORE = -100
 N, H, V = 37, 24, 101  # odd shapes: nothing divides anything
 
 
-def _targets(n: int, vocab: int, pattern: str, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, vocab, (n,), generator=g)
-    if pattern == "middle":
-        y[n // 3 : n // 3 + max(1, n // 4)] = IGNORE
-    elif pattern == "ends":
-        y[0] = y[-1] = IGNORE
-    elif pattern == "scattered":
-        y[torch.rand(n, generator=g) < 0.3] = IGNORE
-    elif pattern != "none":
-        raise AssertionError(pattern)
-    valid = (y != IGNORE).nonzero().flatten()
-    if len(valid) >= 2:  # edge vocabulary ids are targets too
-        y[valid[0]], y[valid[-1]] = 0, vocab - 1
-    return y
 
 
 def _data(n=N, hdim=H, vocab=V, scale=2.0, seed=31):
@@ -73,7 +57,7 @@ CASES = [
 @pytest.mark.parametrize("chunk,pattern,softcap", CASES)
 def test_token_log_probs_matches_reference(chunk, pattern, softcap, dtype):
     hidden0, weight0, grad_out = _data()
-    targets = _targets(N, V, pattern)
+    targets = random_labels(N, V, pattern)
     out, ref, got, want, (h, w) = _run(hidden0, weight0, targets, dtype, grad_out, chunk_size=chunk, softcap=softcap)
     assert_close(out, ref, dtype, "tlp.out", reduction=True)
     assert_close(got[0], want[0], dtype, "tlp.dhidden", reduction=True)
@@ -91,7 +75,7 @@ def test_token_log_probs_matches_reference(chunk, pattern, softcap, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_token_log_probs_ignore_index_option(dtype):
     hidden0, weight0, grad_out = _data(seed=32)
-    targets = _targets(N, V, "none")
+    targets = random_labels(N, V, "none")
     targets[::4] = 7  # the ignored id is a real vocabulary id here
     out, ref, got, want, _ = _run(hidden0, weight0, targets, dtype, grad_out, chunk_size=9, ignore_index=7)
     assert_close(out, ref, dtype, "tlp.out", reduction=True)
@@ -104,7 +88,7 @@ def test_token_log_probs_ignore_index_option(dtype):
 def test_token_log_probs_frozen_weight(dtype):
     """The base lm_head is usually frozen: no [V, H] gradient is computed or returned."""
     hidden0, weight0, grad_out = _data(seed=33)
-    targets = _targets(N, V, "scattered")
+    targets = random_labels(N, V, "scattered")
     out, ref, got, want, _ = _run(hidden0, weight0, targets, dtype, grad_out, w_grad=False, chunk_size=4)
     assert_close(out, ref, dtype, "tlp.out", reduction=True)
     assert_close(got[0], want[0], dtype, "tlp.dhidden", reduction=True)
@@ -119,7 +103,7 @@ def test_token_log_probs_frozen_weight(dtype):
 
 def test_token_log_probs_weight_grad_only():
     hidden0, weight0, grad_out = _data(seed=34)
-    targets = _targets(N, V, "middle")
+    targets = random_labels(N, V, "middle")
     w, wr = leaf(weight0), leaf(weight0)
     out = linear_token_log_probs(hidden0, w, targets, chunk_size=10)
     ref = token_log_probs_reference(hidden0, wr, targets)
@@ -131,7 +115,7 @@ def test_token_log_probs_weight_grad_only():
 
 def test_token_log_probs_chunking_invariance():
     hidden0, weight0, grad_out = _data(seed=35)
-    targets = _targets(N, V, "scattered")
+    targets = random_labels(N, V, "scattered")
     results = []
     for chunk in (1, 4, 10, 37, 1000, None):
         h, w = leaf(hidden0), leaf(weight0)
@@ -157,7 +141,7 @@ def test_token_log_probs_saves_no_logits():
     """Saved for backward: h, W, targets, the rows with a target and their fp32 logsumexp; never [N, V] or [chunk, V]."""
     hidden0, weight0, _ = _data(seed=37)
     h, w = leaf(hidden0), leaf(weight0)
-    targets = _targets(N, V, "none")
+    targets = random_labels(N, V, "none")
     with record_saved() as saved:
         linear_token_log_probs(h, w, targets, chunk_size=8)
     assert sorted(shape for shape, _, _ in saved) == sorted([(N, H), (V, H), (N,), (N,), (N,)]), saved
@@ -166,7 +150,7 @@ def test_token_log_probs_saves_no_logits():
 
 def test_token_log_probs_no_grad():
     hidden0, weight0, _ = _data(seed=38)
-    targets = _targets(N, V, "ends")
+    targets = random_labels(N, V, "ends")
     with torch.no_grad():
         out = linear_token_log_probs(leaf(hidden0), leaf(weight0), targets, chunk_size=6)
     assert out.grad_fn is None
