@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py: no timings without a GPU, the providers of each case agree, the table's columns.
+"""benchmarks/kernel_bench.py: no timings without a GPU, the providers of each case agree, the table's columns.
 
 The case builders run here on tiny CPU tensors; the ``triton`` provider runs under Triton's interpreter
 (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` on machines without CUDA).
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from benchmarks import kernels as kb
+from benchmarks import kernel_bench as kb
 from kernels._triton import HAS_TRITON, interpreting
 
 #: Odd little sizes: GQA heads, a vocabulary and hidden size that are no powers of two, a partial NF4 block.

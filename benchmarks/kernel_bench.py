@@ -2,9 +2,9 @@
 
 Run from the repository root, on a machine with a CUDA GPU::
 
-    python benchmarks/kernels.py                                  # every op, Llama-3.1-8B and SmolLM2-135M shapes
-    python benchmarks/kernels.py --ops rms_norm,rope --dtype bf16
-    python benchmarks/kernels.py --out benchmarks/results/kernels-h100.json
+    python benchmarks/kernel_bench.py                                  # every op, Llama-3.1-8B and SmolLM2-135M shapes
+    python benchmarks/kernel_bench.py --ops rms_norm,rope --dtype bf16
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels-h100.json
 
 For every op and model shape three providers are timed:
 
@@ -49,11 +49,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if __name__ == "__main__":
-    # Run as a script, this file's folder comes first on sys.path and its name (kernels.py) would shadow the
-    # repository's ``kernels`` package: drop the folder and put the repository root first.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-    sys.path.insert(0, str(ROOT))
+# Not named benchmarks/kernels.py: run as a script, a file of that name would shadow the ``kernels`` package
+# for every script in this folder.
 
 import torch
 
