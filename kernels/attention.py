@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.dispatch import select_backend
+from kernels.dispatch import attention_backend
 
 
 def build_attention_mask(
@@ -129,32 +129,109 @@ def attention(
         Tensor ``[b, n_heads, s_q, head_dim]``.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
+    backend = attention_backend(q.device, q.dtype)
+    varlen_layout = q_offset == 0 and q_len == kv_len and key_padding_mask is None
+    if backend != "torch" and varlen_layout:
+        lengths = _document_lengths(q.shape[0], q_len, doc_ids, doc_lengths)
+        return _varlen_attention(backend, q, k, v, lengths, scale, sliding_window)
     if doc_lengths is not None and len(doc_lengths) > 1:
-        if q.shape[0] != 1 or q_offset != 0 or q_len != kv_len or key_padding_mask is not None:
+        if q.shape[0] != 1 or not varlen_layout:
             raise ValueError("doc_lengths needs one row (b == 1) of packed documents without cache or padding")
         if sum(doc_lengths) != q_len:
             raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, the row has {q_len} tokens")
         outputs, start = [], 0
         for n in doc_lengths:
             part = slice(start, start + n)
-            outputs.append(attention(q[:, :, part], k[:, :, part], v[:, :, part], scale=scale, sliding_window=sliding_window))
+            outputs.append(_sdpa_attention(q[:, :, part], k[:, :, part], v[:, :, part], scale, 0, None, None,
+                                           sliding_window))
             start += n
         return torch.cat(outputs, dim=2)
+    return _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding_window)
+
+
+def _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding_window):
+    """PyTorch SDPA: the plain causal fast path, or an explicit visibility mask."""
+    q_len, kv_len = q.shape[2], k.shape[2]
     window_matters = sliding_window is not None and sliding_window < kv_len
     if key_padding_mask is None and doc_ids is None and not window_matters and q_offset == 0 and q_len == kv_len:
-        mask, is_causal = None, True
+        return _sdpa(q, k, v, None, scale, True)
+    mask = build_attention_mask(
+        q_len,
+        kv_len,
+        q_offset=q_offset,
+        key_padding_mask=key_padding_mask,
+        doc_ids=doc_ids,
+        sliding_window=sliding_window if window_matters else None,
+        device=q.device,
+    )
+    return _sdpa(q, k, v, mask, scale, False)
+
+
+# --------------------------------------------------------------------------- variable-length backends
+
+
+def _document_lengths(batch: int, seq: int, doc_ids, doc_lengths) -> list[int]:
+    """Lengths of the documents of a ``[batch, seq]`` batch flattened row after row (rows never share one)."""
+    if doc_lengths is not None and batch == 1:
+        if sum(doc_lengths) != seq:
+            raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, the row has {seq} tokens")
+        return list(doc_lengths)
+    if doc_ids is None:
+        return [seq] * batch
+    rows = doc_ids.shape[-1]
+    if rows != seq:
+        raise ValueError(f"doc_ids cover {rows} positions, the batch has {seq}")
+    # A new document starts at every change of id and at every row start.
+    flat = (doc_ids - doc_ids[:, :1]) + torch.arange(batch, device=doc_ids.device)[:, None] * (seq + 1)
+    return torch.unique_consecutive(flat.reshape(-1), return_counts=True)[1].tolist()
+
+
+def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window):
+    """Attention over packed documents with a variable-length kernel; ``[b, h, s, d]`` in and out.
+
+    The batch is flattened to ``[b * s, h, d]`` tokens with document boundaries ``cu_seqlens``
+    (int32, ``[n_docs + 1]``): no attention crosses a document, and no ``[s, s]`` mask exists.
+    """
+    b, hq, s, d = q.shape
+    hkv = k.shape[1]
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=q.device)
+    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0).to(q.device)
+    max_len = max(lengths)
+    qt = q.transpose(1, 2).reshape(b * s, hq, d)
+    kt = k.transpose(1, 2).reshape(b * s, hkv, d)
+    vt = v.transpose(1, 2).reshape(b * s, hkv, d)
+    window = sliding_window if sliding_window is not None and sliding_window < max_len else None
+    out = _VARLEN[backend](qt, kt, vt, cu_seqlens, max_len, lengths, scale, window)
+    return out.reshape(b, s, hq, d).transpose(1, 2)
+
+
+def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
+    from kernels.flash_attention import flash_attention_varlen
+
+    return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window)
+
+
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
+    """The ``flash-attn`` package (GQA native; a window of ``w`` keys is ``window_size=(w - 1, 0)``)."""
+    from flash_attn import flash_attn_varlen_func
+
+    window_size = (window - 1, 0) if window is not None else (-1, -1)
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True, window_size=window_size
+    )
+
+
+def _xformers_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
+    """xformers' memory-efficient attention with a block-diagonal causal (optionally local) bias."""
+    from xformers.ops import fmha
+
+    if window is None:
+        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lengths)
     else:
-        mask = build_attention_mask(
-            q_len,
-            kv_len,
-            q_offset=q_offset,
-            key_padding_mask=key_padding_mask,
-            doc_ids=doc_ids,
-            sliding_window=sliding_window if window_matters else None,
-            device=q.device,
-        )
-        is_causal = False
-    return _IMPLEMENTATIONS[select_backend("attention", q.device)](q, k, v, mask, scale, is_causal)
+        bias = fmha.attn_bias.BlockDiagonalCausalLocalAttentionMask.from_seqlens(lengths, window_size=window)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=scale)[0]
 
 
-_IMPLEMENTATIONS = {"torch": _sdpa}
+_VARLEN = {"triton": _triton_varlen, "flash_attn": _flash_attn_varlen, "xformers": _xformers_varlen}

@@ -20,6 +20,7 @@ would take; :func:`record_backends` records which one each op actually took.
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +34,9 @@ ENV_VAR = "ENGINE_KERNELS"
 CHOICES = ("auto", "torch", "triton")
 
 #: Ops with a Triton implementation (see docs/kernels.md).
-TRITON_OPS: frozenset[str] = frozenset({"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"})
+TRITON_OPS: frozenset[str] = frozenset(
+    {"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize", "attention"}
+)
 
 #: Every op behind this dispatch point.
 OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy", "token_log_probs")
@@ -88,6 +91,42 @@ def _choose(op: str, device: torch.device) -> str:
     return "triton" if HAS_TRITON and device.type == "cuda" and not interpreting() else "torch"
 
 
+#: Attention backends, in the order automatic selection prefers them on a CUDA GPU.
+ATTENTION_BACKENDS = ("flash_attn", "xformers", "triton", "torch")
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _flash_attn_supported(device: torch.device, dtype: torch.dtype | None) -> bool:
+    """flash-attn 2 needs an Ampere or newer GPU and fp16/bf16 tensors."""
+    if dtype not in (torch.float16, torch.bfloat16) or not _has_module("flash_attn"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+    """The attention implementation for tensors on ``device``: one of :data:`ATTENTION_BACKENDS`.
+
+    ``ENGINE_KERNELS=torch`` gives PyTorch SDPA and ``=triton`` our Triton flash attention. Unset
+    (automatic): on CUDA, the ``flash-attn`` package when installed and the GPU supports it (Ampere+,
+    fp16/bf16), else ``xformers`` when installed, else our Triton kernel; on CPU, PyTorch SDPA. Both
+    packages are optional extras, never required.
+    """
+    device = torch.device(device)
+    backend = _choose("attention", device)
+    if requested_backend() == "auto" and device.type == "cuda":
+        if _flash_attn_supported(device, dtype):
+            backend = "flash_attn"
+        elif _has_module("xformers"):
+            backend = "xformers"
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder.setdefault("attention", set()).add(backend)
+    return backend
+
+
 @contextmanager
 def record_backends() -> Iterator[dict[str, set[str]]]:
     """Record the backend every dispatched op takes inside the block: ``{op: {"torch" | "triton"}}``.
@@ -106,6 +145,13 @@ def record_backends() -> Iterator[dict[str, set[str]]]:
         _RECORDER.reset(token)
 
 
-def describe_backends(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Which implementation each op would use on ``device`` under the current setting."""
-    return {op: _choose(op, torch.device(device)) for op in OPS}
+def describe_backends(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Which implementation each op would use on ``device`` (activations of ``dtype``) under the current setting."""
+    device = torch.device(device)
+    backends = {op: _choose(op, device) for op in OPS}
+    token = _RECORDER.set(None)  # describing is not running: record nothing
+    try:
+        backends["attention"] = attention_backend(device, dtype)
+    finally:
+        _RECORDER.reset(token)
+    return backends

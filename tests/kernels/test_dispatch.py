@@ -26,7 +26,7 @@ def test_dispatch_auto_is_torch_on_cpu(monkeypatch):
     assert set(backends) == set(dispatch.OPS)
     assert set(backends.values()) == {"torch"}
     # On CUDA, auto picks the Triton kernels of the ops that have one.
-    assert dispatch.TRITON_OPS == {"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize"}
+    assert dispatch.TRITON_OPS == {"rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize", "attention"}
     expected = {op: "triton" if op in dispatch.TRITON_OPS and not interpreting() else "torch" for op in dispatch.OPS}
     assert describe_backends("cuda") == expected
 
@@ -48,7 +48,7 @@ def test_dispatch_triton_forced(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled Triton cannot run on CPU tensors: a clear error
     with pytest.raises(ConfigurationError, match="TRITON_INTERPRET=1"):
         select_backend("rms_norm", "cpu")
-    assert select_backend("attention", "cpu") == "torch"
+    assert select_backend("token_log_probs", "cpu") == "torch"
     monkeypatch.setattr(dispatch, "HAS_TRITON", False)
     with pytest.raises(ConfigurationError, match="not installed"):
         select_backend("rms_norm", "cuda")
@@ -94,7 +94,7 @@ def test_dispatch_auto_on_cuda(monkeypatch):
     assert select_backend("rms_norm", "cuda") == "triton"
     assert select_backend("rms_norm", torch.device("cuda", 0)) == "triton"
     assert select_backend("rms_norm", "cpu") == "torch"
-    assert select_backend("attention", "cuda") == "torch"
+    assert select_backend("lora_linear", "cuda") == "torch"
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     assert select_backend("rms_norm", "cuda") == "torch"
     monkeypatch.setattr(dispatch, "HAS_TRITON", False)
@@ -115,3 +115,29 @@ def test_assert_close_reports_location():
     assert_close(expected + 5e-6, expected, torch.float32, "within")
 
 
+
+
+def test_attention_backend_order(monkeypatch):
+    """flash-attn (Ampere+, 16-bit) > xformers > our Triton kernel on CUDA; SDPA on CPU; ENGINE_KERNELS overrides."""
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    installed = {"flash_attn", "xformers"}
+    monkeypatch.setattr(dispatch, "_has_module", lambda name: name in installed)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert dispatch.attention_backend("cuda", torch.bfloat16) == "flash_attn"
+    assert dispatch.attention_backend("cuda", torch.float32) == "xformers"  # flash-attn needs fp16/bf16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert dispatch.attention_backend("cuda", torch.bfloat16) == "xformers"  # Turing: no flash-attn 2
+    installed.discard("xformers")
+    assert dispatch.attention_backend("cuda", torch.bfloat16) == "triton"
+    assert dispatch.attention_backend("cpu", torch.bfloat16) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.attention_backend("cuda", torch.bfloat16) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    installed.add("flash_attn")
+    assert dispatch.attention_backend("cuda", torch.bfloat16) == "triton"  # forcing Triton means our kernel
+    with record_backends() as used:
+        dispatch.attention_backend("cuda", torch.bfloat16)
+    assert used == {"attention": {"triton"}}
+    assert describe_backends("cuda", torch.bfloat16)["attention"] == "triton"
