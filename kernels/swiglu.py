@@ -44,12 +44,17 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
-        g = gate.float()
-        s = torch.sigmoid(g)
-        dhf = dh.float()
-        dgate = (dhf * up.float() * s * (1.0 + g * (1.0 - s))).to(gate.dtype)
-        dup = (dhf * (g * s)).to(up.dtype)
-        return dgate, dup
+        return swiglu_backward_torch(dh, gate, up)
+
+
+def swiglu_backward_torch(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` of ``h = silu(gate) * up`` in PyTorch (fp32 inside), ``silu`` recomputed."""
+    g = gate.float()
+    s = torch.sigmoid(g)
+    dhf = dh.float()
+    dgate = (dhf * up.float() * s * (1.0 + g * (1.0 - s))).to(gate.dtype)
+    dup = (dhf * (g * s)).to(up.dtype)
+    return dgate, dup
 
 
 # --------------------------------------------------------------------------- Triton
@@ -101,11 +106,16 @@ class SwiGLUTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
-        dh = dh.contiguous()
-        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        return dgate, dup
+        return swiglu_backward_triton(dh, gate, up)
+
+
+def swiglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` with the Triton backward kernel (``gate``/``up`` contiguous)."""
+    dh = dh.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dgate, dup
 
 
 def audit_launches() -> list[AuditLaunch]:
@@ -129,4 +139,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _IMPLEMENTATIONS[select_backend("swiglu", gate.device)](gate, up)
 
 
+def swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SwiGLU backward alone (for fused Functions that recompute it): ``(dgate, dup)``, dispatched."""
+    return _BACKWARDS[select_backend("swiglu", gate.device)](dh, gate, up)
+
+
 _IMPLEMENTATIONS = {"torch": SwiGLUFunction.apply, "triton": SwiGLUTritonFunction.apply}
+_BACKWARDS = {"torch": swiglu_backward_torch, "triton": swiglu_backward_triton}

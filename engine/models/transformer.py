@@ -17,8 +17,9 @@ from torch import nn
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import checkpoint_layer
-from engine.modules.linear import Linear
+from engine.modules.linear import Linear, project, swiglu_mlp
 from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
+from kernels.lora_fused import DequantWorkspace
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +44,7 @@ class AttentionContext:
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
         doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
+        workspace: the model's buffer that NF4 base weights are dequantized into (one at a time).
     """
 
     cos: torch.Tensor
@@ -51,6 +53,7 @@ class AttentionContext:
     doc_ids: torch.Tensor | None = None
     doc_lengths: tuple[int, ...] | None = None
     cache: object | None = None
+    workspace: DequantWorkspace | None = None
 
 
 class Attention(nn.Module):
@@ -76,9 +79,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Args: x (Tensor): ``[b, s, d]``. Returns: Tensor ``[b, s, d]``."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), ctx.workspace, self.training)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, k, ctx.cos, ctx.sin)
@@ -97,7 +101,8 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             doc_lengths=ctx.doc_lengths,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return project(out, (self.o_proj,), ctx.workspace, self.training)[0]
 
 
 class MLP(nn.Module):
@@ -110,8 +115,8 @@ class MLP(nn.Module):
         self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, workspace: DequantWorkspace | None = None) -> torch.Tensor:
+        return swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, workspace, self.training, swiglu)
 
 
 class DecoderLayer(nn.Module):
@@ -126,7 +131,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.workspace)
 
 
 class DecoderModel(nn.Module):
@@ -188,6 +193,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.max_seq_length = max_seq_length
+        self._workspace = DequantWorkspace()  # NF4 base weights are dequantized into it, one at a time
         self.model = DecoderModel(args, device, dtype)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, False, device, dtype)
         if args.tie_word_embeddings:
@@ -263,7 +269,7 @@ class CausalLM(nn.Module):
             doc_lengths = tuple(torch.bincount(doc_ids[0] - doc_ids[0, 0]).tolist())
             doc_ids = None
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
-        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, cache)
+        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, cache, self._workspace)
 
     # ------------------------------------------------------------------ forward
     def forward(

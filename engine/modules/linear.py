@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
+from kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
 from kernels.lora_linear import lora_linear
 from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 
@@ -156,3 +157,38 @@ class Linear(nn.Module):
         if self.has_lora:
             parts.append(f"lora_r={self.lora_r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}")
         return ", ".join(parts)
+
+
+def _plain(modules: tuple[Linear, ...]) -> bool:
+    """Dense base weights and no active adapter: ``F.linear`` is all there is to do."""
+    return all(not m.is_quantized and not (m.has_lora and m.adapter_enabled) for m in modules)
+
+
+def project(
+    x: torch.Tensor, modules: tuple[Linear, ...], workspace: DequantWorkspace | None, training: bool
+) -> tuple[torch.Tensor, ...]:
+    """``x`` through several projections that share it (Q/K/V, or O alone) with one fused Function.
+
+    One backward accumulates ``dx`` once; NF4 bases are dequantized into ``workspace``
+    (see :mod:`kernels.lora_fused`). Plain dense layers without adapters take ``F.linear``.
+    """
+    if _plain(modules):
+        return tuple(m(x) for m in modules)
+    return lora_projections(x, [Projection.from_module(m) for m in modules], workspace, training)
+
+
+def swiglu_mlp(
+    x: torch.Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    workspace: DequantWorkspace | None,
+    training: bool,
+    activation,
+) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` as one fused Function (``h`` recomputed in backward, not saved);
+    plain dense layers without adapters compose ``F.linear`` with ``activation`` (the dispatched SwiGLU)."""
+    if _plain((gate, up, down)):
+        return down(activation(gate(x), up(x)))
+    projections = [Projection.from_module(m) for m in (gate, up, down)]
+    return lora_mlp(x, *projections, workspace=workspace, training=training)

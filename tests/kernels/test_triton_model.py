@@ -50,9 +50,10 @@ def test_model_with_triton_kernels_equals_torch_path(hf_folders, monkeypatch, fa
     loss_t, grads_t, used_t = _loss_and_grads(model, batch, "torch", monkeypatch)
     loss_x, grads_x, used_x = _loss_and_grads(model, batch, "triton", monkeypatch)
 
-    assert set(used_t) >= {"rms_norm", "rope", "swiglu", "cross_entropy"}
+    assert set(used_t) >= {"rms_norm", "rope", "swiglu", "cross_entropy", "attention", "lora_linear"}
     assert all(backends == {"torch"} for backends in used_t.values())
-    expected_triton = {"rms_norm", "rope", "swiglu", "cross_entropy"} | ({"nf4_dequantize"} if load_in_4bit else set())
+    expected_triton = {"rms_norm", "rope", "swiglu", "cross_entropy", "attention"}
+    expected_triton |= {"nf4_dequantize"} if load_in_4bit else set()
     assert {op for op, b in used_x.items() if b == {"triton"}} == expected_triton
     assert all(b == {"torch"} for op, b in used_x.items() if op not in expected_triton)
 
@@ -70,4 +71,5 @@ def test_load_message_reports_the_kernel_backends(hf_folders, monkeypatch, capsy
     FastModel.from_pretrained(str(hf_folders["llama"]), dtype="float32")
     line = capsys.readouterr().out.strip()
     assert "kernels: Triton (Triton's CPU interpreter: slow, for testing) for rms_norm, rope, swiglu" in line
+    assert "attention" in line.split("kernels:")[1]
     assert line.endswith("PyTorch for the rest")
