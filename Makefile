@@ -30,7 +30,7 @@ demo: setup
 	$(PY) -m engine.demo
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -171,7 +171,7 @@ class FastModel:
             print(
                 f"engine: loaded {args.model_type} ({args.num_layers} layers, hidden {args.hidden_size}) from {source.name} "
                 f"| {str(torch_dtype).replace('torch.', '')}{' + NF4 4-bit' if load_in_4bit else ''} on {device} "
-                f"| memory footprint {model.get_memory_footprint() / 2**20:.1f} MiB | {_kernel_summary(device)}"
+                f"| memory footprint {model.get_memory_footprint() / 2**20:.1f} MiB | {_kernel_summary(device, torch_dtype)}"
             )
         return model, tokenizer
 
@@ -288,15 +288,21 @@ class FastModel:
 FastLanguageModel = FastModel
 
 
-def _kernel_summary(device) -> str:
-    """``"kernels: triton (rms_norm, rope, ...), torch (the rest)"`` for the load message."""
+def _kernel_summary(device, dtype) -> str:
+    """``"kernels: Triton for rms_norm, rope, ...; PyTorch for the rest"`` (and a named attention package)."""
     from kernels import describe_backends
 
-    backends = describe_backends(device)
+    backends = describe_backends(device, dtype)
+    attention = backends["attention"]
+    if attention in ("flash_attn", "xformers"):
+        backends["attention"] = "torch"  # reported by name below
+        package = f"; attention: {attention}"
+    else:
+        package = ""
     triton_ops = [op for op, backend in backends.items() if backend == "triton"]
     if not triton_ops:
-        return "kernels: PyTorch"
+        return f"kernels: PyTorch{package}"
     from kernels._triton import interpreting
 
     where = " (Triton's CPU interpreter: slow, for testing)" if interpreting() else ""
-    return f"kernels: Triton{where} for {', '.join(triton_ops)}; PyTorch for the rest"
+    return f"kernels: Triton{where} for {', '.join(triton_ops)}; PyTorch for the rest{package}"

@@ -12,7 +12,8 @@ It exits with status 1 if any launch spills registers to local memory, needs mor
 than the target offers per block, or more registers than a multiprocessor has for the block.
 
 Options: ``--markdown PATH`` also writes the table as markdown, ``--json PATH`` as JSON,
-``--targets 80,90`` restricts the targets, ``--ops rms_norm,rope`` the ops.
+``--targets 80,90`` restricts the targets, ``--ops rms_norm,rope`` the ops, ``--jobs N`` sets the
+number of compiler processes (default: one per CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 #: Modules whose ``audit_launches()`` list the kernels to audit.
-KERNEL_MODULES = ("kernels.rms_norm", "kernels.rope", "kernels.swiglu", "kernels.cross_entropy", "kernels.nf4")
+KERNEL_MODULES = (
+    "kernels.rms_norm",
+    "kernels.rope",
+    "kernels.swiglu",
+    "kernels.cross_entropy",
+    "kernels.nf4",
+    "kernels.flash_attention",
+)
 
 #: Compute capability -> (name, max shared memory per block in bytes with opt-in, registers per SM).
 TARGETS = {
@@ -138,22 +146,29 @@ def compile_launch(launch, cc: int) -> AuditRow:
     )
 
 
-def collect_launches(ops: set[str] | None = None) -> list:
-    launches = []
-    for name in KERNEL_MODULES:
-        module = importlib.import_module(name)
-        for launch in module.audit_launches():
-            if ops is None or launch.op in ops:
-                launches.append(launch)
-    return launches
+def _compile_job(job: tuple[str, int, int]) -> AuditRow:
+    """Worker: compile launch ``index`` of ``module``'s ``audit_launches()`` for ``cc`` (picklable arguments)."""
+    module, index, cc = job
+    return compile_launch(importlib.import_module(module).audit_launches()[index], cc)
 
 
-def run_audit(ccs=tuple(TARGETS), ops: set[str] | None = None, progress: bool = True) -> list[AuditRow]:
+def run_audit(
+    ccs=tuple(TARGETS), ops: set[str] | None = None, progress: bool = True, jobs: int = 1
+) -> list[AuditRow]:
+    """Compile every launch for every target; ``jobs`` worker processes (compiling is CPU-bound)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    launches = collect_launches(ops)
-    jobs = [(launch, cc) for launch in launches for cc in ccs]
-    return [compile_launch(launch, cc) for launch, cc in tqdm(jobs, desc="compiling", disable=not progress)]
+    work = []
+    for name in KERNEL_MODULES:
+        for index, launch in enumerate(importlib.import_module(name).audit_launches()):
+            if ops is None or launch.op in ops:
+                work.extend((name, index, cc) for cc in ccs)
+    if jobs <= 1:
+        return [_compile_job(job) for job in tqdm(work, desc="compiling", disable=not progress)]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(tqdm(pool.map(_compile_job, work), total=len(work), desc="compiling", disable=not progress))
 
 
 HEADER = ("op", "kernel", "launch", "target", "warps", "regs/thread", "spill B", "shared B", "status")
@@ -187,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: CPUs)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the audit compiles real GPU code, not interpreted kernels")
@@ -196,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown targets {unknown}; known: {sorted(TARGETS)}")
     ops = set(args.ops.split(",")) if args.ops else None
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
-    rows = run_audit(ccs, ops)
+    rows = run_audit(ccs, ops, jobs=args.jobs)
     print(format_table(rows))
     if args.markdown:
         args.markdown.write_text(format_markdown(rows) + "\n")
