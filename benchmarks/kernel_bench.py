@@ -60,7 +60,8 @@ from kernels.cross_entropy import (
     FusedLinearCrossEntropyTritonFunction,
     cross_entropy_reference,
 )
-from kernels.nf4 import NF4_CODE, NF4Weight, _nf4_dequantize_torch, nf4_dequantize_triton, nf4_quantize
+from kernels.nf4 import NF4_CODE, NF4Weight, _nf4_dequantize_torch, nf4_quantize
+from kernels.nf4_triton import nf4_dequantize_triton
 from kernels.rms_norm import RMSNormFunction, RMSNormTritonFunction, rms_norm_reference
 from kernels.rope import RoPEFunction, RoPETritonFunction, rope_cos_sin, rope_reference
 from kernels.swiglu import SwiGLUFunction, SwiGLUTritonFunction, swiglu_reference

@@ -35,7 +35,7 @@ KERNEL_MODULES = (
     "kernels.rope",
     "kernels.swiglu",
     "kernels.cross_entropy",
-    "kernels.nf4",
+    "kernels.nf4_triton",
     "kernels.flash_attention",
 )
 

@@ -1,4 +1,4 @@
-"""Tests of the Triton NF4 dequantization kernel (``kernels/nf4.py``: ``_nf4_dequant_kernel``).
+"""Tests of the Triton NF4 dequantization kernel (``kernels/nf4_triton.py``: ``_nf4_dequant_kernel``).
 
 Every comparison is bit-exact (``torch.equal`` plus equal bit patterns), against
 
@@ -23,17 +23,8 @@ import pytest
 import torch
 
 from kernels import dispatch
-from kernels.nf4 import (
-    NF4_CODE,
-    NF4Weight,
-    _launch_config,
-    _nf4_dequant_kernel,
-    audit_launches,
-    from_bnb,
-    nf4_dequantize,
-    nf4_dequantize_triton,
-    nf4_quantize,
-)
+from kernels.nf4 import NF4_CODE, NF4Weight, from_bnb, nf4_dequantize, nf4_quantize
+from kernels.nf4_triton import _launch_config, _nf4_dequant_kernel, audit_launches, nf4_dequantize_triton
 
 OUT_DTYPES = [
     pytest.param(torch.float32, id="fp32"),
