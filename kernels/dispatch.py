@@ -106,6 +106,16 @@ def _flash_attn_supported(device: torch.device, dtype: torch.dtype | None) -> bo
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def _attention_choice(device: torch.device, dtype: torch.dtype | None) -> str:
+    backend = _choose("attention", device)
+    if requested_backend() == "auto" and device.type == "cuda":
+        if _flash_attn_supported(device, dtype):
+            return "flash_attn"
+        if _has_module("xformers"):
+            return "xformers"
+    return backend
+
+
 def attention_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
     """The attention implementation for tensors on ``device``: one of :data:`ATTENTION_BACKENDS`.
 
@@ -114,13 +124,7 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype | None = No
     fp16/bf16), else ``xformers`` when installed, else our Triton kernel; on CPU, PyTorch SDPA. Both
     packages are optional extras, never required.
     """
-    device = torch.device(device)
-    backend = _choose("attention", device)
-    if requested_backend() == "auto" and device.type == "cuda":
-        if _flash_attn_supported(device, dtype):
-            backend = "flash_attn"
-        elif _has_module("xformers"):
-            backend = "xformers"
+    backend = _attention_choice(torch.device(device), dtype)
     recorder = _RECORDER.get()
     if recorder is not None:
         recorder.setdefault("attention", set()).add(backend)
@@ -149,9 +153,5 @@ def describe_backends(device: torch.device | str = "cpu", dtype: torch.dtype | N
     """Which implementation each op would use on ``device`` (activations of ``dtype``) under the current setting."""
     device = torch.device(device)
     backends = {op: _choose(op, device) for op in OPS}
-    token = _RECORDER.set(None)  # describing is not running: record nothing
-    try:
-        backends["attention"] = attention_backend(device, dtype)
-    finally:
-        _RECORDER.reset(token)
+    backends["attention"] = _attention_choice(device, dtype)
     return backends
