@@ -227,6 +227,7 @@ class FastModel:
         use_gradient_checkpointing: bool | str = True,
         random_state: int = 3407,
         bias: str = "none",
+        tiled_mlp: bool | int = False,
         **unused,
     ) -> CausalLM:
         """Freeze the base model and add LoRA adapters (PEFT-compatible initialisation and scaling).
@@ -241,9 +242,16 @@ class FastModel:
                 ``"smart"`` also offloads each layer's saved input to CPU memory on CUDA.
             random_state (int): seed of the adapter initialisation.
             bias (str): only ``"none"`` (biases stay frozen).
+            tiled_mlp: compute each decoder layer's MLP in tiles of rows during training, so that it saves
+                only its input for backward and one tile's ``[rows, intermediate]`` activations exist at a
+                time (costs one extra MLP forward per step; see :meth:`set_tiled_mlp`). ``False``/``0``: off;
+                ``True``: tiles of :func:`kernels.tiled_mlp.default_tile_rows` rows; an int: that many rows.
 
         Returns:
             The same model object, now with trainable adapters.
+
+        Raises:
+            ConfigurationError: an unknown argument or an invalid value (e.g. a negative ``tiled_mlp``).
         """
         for key in unused:
             if key not in ("max_seq_length", "loftq_config", "init_lora_weights", "modules_to_save"):
@@ -252,6 +260,7 @@ class FastModel:
             raise ConfigurationError("modules_to_save is not supported yet; train adapters on projections only")
         if bias != "none":
             raise ConfigurationError(f"bias={bias!r} is not supported; only bias='none'")
+        _tile_rows(model, tiled_mlp)  # validated before the model is changed
         settings = LoraSettings(
             r=r,
             lora_alpha=lora_alpha,
@@ -261,8 +270,35 @@ class FastModel:
         )
         add_lora(model, settings, random_state=random_state)
         FastModel.set_gradient_checkpointing(model, use_gradient_checkpointing)
+        FastModel.set_tiled_mlp(model, tiled_mlp)
         model.train()
         return model
+
+    @staticmethod
+    def set_tiled_mlp(model: CausalLM, tiled_mlp: bool | int) -> None:
+        """Turn the tiled MLP (:mod:`kernels.tiled_mlp`) on or off for every decoder layer.
+
+        In training, an MLP whose input has more tokens (``batch * sequence``) than the tile runs tile by tile:
+        it saves only its input ``x`` for backward (not ``g``, ``u``: ``2 * intermediate`` values per token and
+        layer), and its backward recomputes each tile's forward, so one tile's ``[rows, intermediate]``
+        activations are alive at a time in the whole model. Cost: one extra forward of the MLP per step. Full
+        fine-tuning (trainable base weights) stays untiled. Results equal the untiled MLP up to summation order.
+
+        Args:
+            model: from :meth:`from_pretrained`.
+            tiled_mlp: ``False`` or ``0``: off. ``True``: tiles of
+                :func:`kernels.tiled_mlp.default_tile_rows` rows for the model's hidden and intermediate sizes
+                (e.g. 8192 for Llama-3.1-8B). A positive int: that many rows per tile.
+
+        Sets ``layer.mlp.tile_rows`` of every layer and ``model.tiled_mlp`` (the rows per tile, ``None`` when off).
+
+        Raises:
+            ConfigurationError: ``tiled_mlp`` is negative or neither a bool nor an int.
+        """
+        rows = _tile_rows(model, tiled_mlp)
+        for layer in model.model.layers:
+            layer.mlp.tile_rows = rows
+        model.tiled_mlp = rows
 
     @staticmethod
     def set_gradient_checkpointing(model: CausalLM, mode: bool | str) -> None:
@@ -282,6 +318,21 @@ class FastModel:
         """Training mode (dropout and gradient checkpointing as configured)."""
         model.train()
         return model
+
+
+def _tile_rows(model: CausalLM, tiled_mlp) -> int | None:
+    """Rows per MLP tile for ``tiled_mlp`` (``None`` when off); see :meth:`FastModel.set_tiled_mlp`."""
+    from kernels.tiled_mlp import default_tile_rows
+
+    if tiled_mlp is True:
+        return default_tile_rows(model.args.hidden_size, model.args.intermediate_size)
+    if tiled_mlp is False:
+        return None
+    if not isinstance(tiled_mlp, int) or tiled_mlp < 0:
+        raise ConfigurationError(
+            f"tiled_mlp must be False, True or a non-negative number of rows per tile, got {tiled_mlp!r}"
+        )
+    return tiled_mlp or None
 
 
 #: Unsloth's older name for the same entry points.

@@ -17,7 +17,7 @@ from torch import nn
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import checkpoint_layer
-from engine.modules.linear import Linear, project, swiglu_mlp
+from engine.modules.linear import Linear, project, swiglu_mlp, tiled_swiglu_mlp
 from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
 from kernels.lora_fused import DequantWorkspace
 
@@ -106,7 +106,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    Attributes:
+        tile_rows (int or None): when set (``FastModel.set_tiled_mlp``), a training forward over more tokens
+            than this runs in tiles of ``tile_rows`` rows (:mod:`kernels.tiled_mlp`): only the input is saved for
+            backward. ``None``: untiled.
+    """
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
@@ -114,9 +120,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
+        self.tile_rows: int | None = None
 
     def forward(self, x: torch.Tensor, workspace: DequantWorkspace | None = None) -> torch.Tensor:
-        return swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, workspace, self.training, swiglu)
+        """Args: x (Tensor): ``[..., d]``. Returns: Tensor ``[..., d]``."""
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        tokens = x.numel() // x.shape[-1]
+        if self.training and self.tile_rows and tokens > self.tile_rows:
+            return tiled_swiglu_mlp(x, *projections, workspace, self.training, swiglu, self.tile_rows)
+        return swiglu_mlp(x, *projections, workspace, self.training, swiglu)
 
 
 class DecoderLayer(nn.Module):
@@ -200,6 +212,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", args.inv_freq.clone().to(device), persistent=False)
         self.gradient_checkpointing: bool | str = False
+        self.tiled_mlp: int | None = None  # rows per MLP tile in training (FastModel.set_tiled_mlp), None: off
         # Attached by the loader: the transformers config and the source the weights came from.
         self.hf_config = None
         self.name_or_path: str | None = None

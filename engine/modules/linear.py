@@ -20,6 +20,7 @@ from torch import nn
 from kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
 from kernels.lora_linear import lora_linear
 from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from kernels.tiled_mlp import tiled_lora_mlp
 
 _NF4_FIELDS = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset")
 
@@ -192,3 +193,34 @@ def swiglu_mlp(
         return down(activation(gate(x), up(x)))
     projections = [Projection.from_module(m) for m in (gate, up, down)]
     return lora_mlp(x, *projections, workspace=workspace, training=training)
+
+
+def _trainable_base(modules: tuple[Linear, ...]) -> bool:
+    """A dense base weight or a bias that trains (full fine-tuning): the fused Functions treat bases as frozen."""
+    return any(
+        (m.weight is not None and m.weight.requires_grad) or (m.bias is not None and m.bias.requires_grad)
+        for m in modules
+    )
+
+
+def tiled_swiglu_mlp(
+    x: torch.Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    workspace: DequantWorkspace | None,
+    training: bool,
+    activation,
+    tile_rows: int,
+) -> torch.Tensor:
+    """:func:`swiglu_mlp` computed in tiles of ``tile_rows`` rows (:func:`kernels.tiled_mlp.tiled_lora_mlp`):
+    only ``x`` is saved for backward and one tile's ``[tile_rows, intermediate]`` activations exist at a time.
+
+    Frozen bases (dense or NF4) with or without adapters are tiled; a trainable base weight or bias (full
+    fine-tuning) is not supported by the fused Functions and takes the untiled :func:`swiglu_mlp`.
+    """
+    modules = (gate, up, down)
+    if _trainable_base(modules):
+        return swiglu_mlp(x, gate, up, down, workspace, training, activation)
+    projections = [Projection.from_module(m) for m in modules]
+    return tiled_lora_mlp(x, *projections, workspace=workspace, training=training, tile_rows=tile_rows)
