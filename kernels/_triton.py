@@ -59,6 +59,25 @@ def jit(fn: Callable | None = None, **kwargs):
     return triton.jit(fn, **kwargs) if HAS_TRITON else fn
 
 
+def launchable(*tensors) -> bool:
+    """False when a tensor is a ``meta`` (shape-only) tensor: memory planning runs the launch wrappers,
+    which allocate their outputs as usual, but no kernel is launched (see :func:`kernels.dispatch.simulate_gpu`)."""
+    return not any(t is not None and t.device.type == "meta" for t in tensors)
+
+
+def multiprocessor_count(device) -> int:
+    """SMs of a CUDA device (of the simulated GPU for ``meta`` tensors); 4 programs' worth elsewhere."""
+    import torch
+
+    from kernels.dispatch import simulated_gpu
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    gpu = simulated_gpu(device)
+    return gpu.multiprocessors if gpu is not None else 4
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << (max(int(n), 1) - 1).bit_length()

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import launchable, AuditLaunch, dtype_signature, jit, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 #: Target number of fp32 logits per chunk (64 MiB): big enough for efficient matmuls, small next to a model.
@@ -277,10 +277,11 @@ def _triton_rows(z, labels, denom, softcap, want_grad):
     n_rows, vocab = z.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=z.device)
     block, num_warps = _launch_config(vocab, z.dtype)
-    _ce_rows_kernel[(n_rows,)](
-        z, z.stride(0), labels, loss, denom, vocab, float(softcap) if softcap is not None else 1.0,
-        HAS_SOFTCAP=softcap is not None, HAS_GRAD=want_grad, BLOCK_V=block, num_warps=num_warps,
-    )
+    if launchable(z):
+        _ce_rows_kernel[(n_rows,)](
+            z, z.stride(0), labels, loss, denom, vocab, float(softcap) if softcap is not None else 1.0,
+            HAS_SOFTCAP=softcap is not None, HAS_GRAD=want_grad, BLOCK_V=block, num_warps=num_warps,
+        )
     return loss, (z if want_grad else None)
 
 

@@ -15,6 +15,11 @@ documented switch, the ``ENGINE_KERNELS`` environment variable:
 
 Both paths compute the same math. :func:`describe_backends` says which one each op
 would take; :func:`record_backends` records which one each op actually took.
+
+Memory planning (:mod:`engine.memory`) runs the model on fake ``meta`` tensors. Inside
+:func:`simulate_gpu`, ``meta`` tensors stand for tensors on a CUDA GPU: every decision here is
+taken as on that GPU (Triton kernels, our flash attention), and the Triton launch wrappers
+allocate their outputs but launch nothing (:func:`kernels._triton.launchable`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +46,49 @@ TRITON_OPS: frozenset[str] = frozenset(
 
 #: Every op behind this dispatch point.
 OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy", "token_log_probs")
+
+@dataclass(frozen=True)
+class SimulatedGPU:
+    """The GPU that ``meta`` tensors stand for inside :func:`simulate_gpu` (memory planning).
+
+    Attributes:
+        name: for reports (``"sm_90"``).
+        capability: CUDA compute capability.
+        multiprocessors: SM count (persistent kernels size their grids with it).
+    """
+
+    name: str = "sm_90"
+    capability: tuple[int, int] = (9, 0)
+    multiprocessors: int = 132
+
+
+_SIMULATED: contextvars.ContextVar[SimulatedGPU | None] = contextvars.ContextVar("engine_simulated_gpu", default=None)
+
+
+@contextmanager
+def simulate_gpu(gpu: SimulatedGPU | None = None) -> Iterator[SimulatedGPU]:
+    """Inside the block, ``meta`` tensors are treated as tensors on ``gpu`` (default: an sm_90 GPU)."""
+    gpu = gpu or SimulatedGPU()
+    token = _SIMULATED.set(gpu)
+    try:
+        yield gpu
+    finally:
+        _SIMULATED.reset(token)
+
+
+def simulated_gpu(device: torch.device | str | None = None) -> SimulatedGPU | None:
+    """The simulated GPU when ``device`` (default: any) is a ``meta`` device inside :func:`simulate_gpu`, else None."""
+    gpu = _SIMULATED.get()
+    if gpu is None or (device is not None and torch.device(device).type != "meta"):
+        return None
+    return gpu
+
+
+def is_gpu(device: torch.device | str) -> bool:
+    """True for CUDA devices, and for ``meta`` standing for a GPU inside :func:`simulate_gpu`."""
+    device = torch.device(device)
+    return device.type == "cuda" or simulated_gpu(device) is not None
+
 
 # The recorder of the innermost active ``record_backends()`` block (None outside one).
 _RECORDER: contextvars.ContextVar[dict[str, set[str]] | None] = contextvars.ContextVar("engine_kernel_recorder", default=None)
@@ -76,6 +125,8 @@ def _choose(op: str, device: torch.device) -> str:
     requested = requested_backend()
     if requested == "torch" or op not in TRITON_OPS:
         return "torch"
+    if simulated_gpu(device) is not None:  # planning: as on a GPU with triton installed
+        return "triton"
     if requested == "triton":
         if not HAS_TRITON:
             raise ConfigurationError(
@@ -108,6 +159,9 @@ def _flash_attn_supported(device: torch.device, dtype: torch.dtype | None) -> bo
 
 def _attention_choice(device: torch.device, dtype: torch.dtype | None) -> str:
     backend = _choose("attention", device)
+    if simulated_gpu(device) is not None:
+        # flash-attn and xformers save the same tensors as our kernel (q, k, v, O, LSE): plan with ours.
+        return backend
     if requested_backend() == "auto" and device.type == "cuda":
         if _flash_attn_supported(device, dtype):
             return "flash_attn"

@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, interpreting, jit, next_power_of_2, tl
+from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, interpreting, jit, next_power_of_2, tl
 
 #: Head dims the kernels take: ``BLOCK_D = next_power_of_2(head_dim)`` with the padded columns masked.
 MAX_HEAD_DIM = 128
@@ -386,12 +386,13 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal=True,
     if total == 0 or n_docs == 0 or max_seqlen == 0:
         return out, lse
     grid = (cdiv(max_seqlen, cfg.block_m), n_docs, n_heads)
-    _flash_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        total, n_heads // k.shape[1], window, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=next_power_of_2(head_dim), HEAD_DIM=head_dim, CAUSAL=causal,
-        WINDOW=window > 0, **_dot_options(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if launchable(q):
+        _flash_fwd_kernel[grid](
+            q, k, v, out, lse, cu_seqlens, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            total, n_heads // k.shape[1], window, scale,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=next_power_of_2(head_dim), HEAD_DIM=head_dim, CAUSAL=causal,
+            WINDOW=window > 0, **_dot_options(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out, lse
 
 
@@ -410,23 +411,26 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scal
     block_d = next_power_of_2(head_dim)
     delta = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)
     pre = cfgs.preprocess
-    _flash_bwd_preprocess_kernel[(cdiv(total, pre.block_m), n_heads)](
-        out, do, delta, *_strides(out), *_strides(do), total,
-        BLOCK_T=pre.block_m, BLOCK_D=block_d, HEAD_DIM=head_dim, num_warps=pre.num_warps, num_stages=pre.num_stages,
-    )
+    if launchable(out):
+        _flash_bwd_preprocess_kernel[(cdiv(total, pre.block_m), n_heads)](
+            out, do, delta, *_strides(out), *_strides(do), total,
+            BLOCK_T=pre.block_m, BLOCK_D=block_d, HEAD_DIM=head_dim, num_warps=pre.num_warps, num_stages=pre.num_stages,
+        )
     common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, CAUSAL=causal, WINDOW=window > 0, **_dot_options(q.dtype))
     sizes = (total, n_heads // n_kv_heads, window, scale)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs.dkdv
-    _flash_bwd_dkdv_kernel[(cdiv(max_seqlen, c.block_n), n_docs, n_kv_heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, *_strides(dk), *_strides(dv), *sizes,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
-    )
+    if launchable(q):
+        _flash_bwd_dkdv_kernel[(cdiv(max_seqlen, c.block_n), n_docs, n_kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, *_strides(dk), *_strides(dv), *sizes,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
+        )
     c = cfgs.dq
-    _flash_bwd_dq_kernel[(cdiv(max_seqlen, c.block_m), n_docs, n_heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, *strides, *_strides(dq), *sizes,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
-    )
+    if launchable(q):
+        _flash_bwd_dq_kernel[(cdiv(max_seqlen, c.block_m), n_docs, n_heads)](
+            q, k, v, do, lse, delta, dq, cu_seqlens, *strides, *_strides(dq), *sizes,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **common,
+        )
     return dq, dk, dv
 
 

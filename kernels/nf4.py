@@ -180,8 +180,12 @@ def dynamic_map() -> torch.Tensor:
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
+_TABLE_NAMES = ("nf4_code", "nf4_bin_below", "nf4_bin_threshold", "nf4_byte_pairs", "dynamic_map", "dynamic_lut")
+
+
 def _table(name: str, device: torch.device) -> torch.Tensor:
-    """Cached lookup tables, built on CPU once and copied per device."""
+    """Cached lookup tables, built on CPU once and copied per device (``meta`` copies are not cached:
+    memory planning makes them inside short-lived fake-tensor sessions)."""
     key = (name, device)
     table = _TABLES.get(key)
     if table is None:
@@ -192,8 +196,16 @@ def _table(name: str, device: torch.device) -> torch.Tensor:
             _TABLES[cpu_key] = table
         if device.type != "cpu":
             table = table.to(device)
-            _TABLES[key] = table
+            if device.type != "meta":
+                _TABLES[key] = table
     return table
+
+
+def build_tables() -> None:
+    """Build the CPU lookup tables now (the memory planner calls this before it enters a fake-tensor session,
+    where tables could not be computed)."""
+    for name in _TABLE_NAMES:
+        _table(name, torch.device("cpu"))
 
 
 def _build_table(name: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, jit, next_power_of_2, tl
 from kernels.nf4 import ABSMAX_BLOCKSIZE, NF4Weight, _table
 
 #: Warps per program for weights large enough to fill them.
@@ -160,22 +160,23 @@ def nf4_dequantize_triton(w: NF4Weight, dtype: torch.dtype, out: torch.Tensor) -
     block_bytes, num_warps = _launch_config(n, w.blocksize, out.element_size())
     packed, absmax, nf4_code, absmax_code, absmax_scale, absmax_offset = _kernel_tensors(w, out.device)
     grid = (cdiv(cdiv(n, 2), block_bytes),)
-    _nf4_dequant_kernel[grid](
-        packed,
-        absmax,
-        nf4_code,
-        absmax_code,
-        absmax_scale,
-        absmax_offset,
-        out.view(-1),
-        n,
-        BLOCKSIZE=w.blocksize,
-        BLOCK_BYTES=block_bytes,
-        DOUBLE_QUANT=w.double_quant,
-        ABSMAX_GROUP=ABSMAX_BLOCKSIZE,
-        num_warps=num_warps,
-        enable_fp_fusion=False,
-    )
+    if launchable(packed):
+        _nf4_dequant_kernel[grid](
+            packed,
+            absmax,
+            nf4_code,
+            absmax_code,
+            absmax_scale,
+            absmax_offset,
+            out.view(-1),
+            n,
+            BLOCKSIZE=w.blocksize,
+            BLOCK_BYTES=block_bytes,
+            DOUBLE_QUANT=w.double_quant,
+            ABSMAX_GROUP=ABSMAX_BLOCKSIZE,
+            num_warps=num_warps,
+            enable_fp_fusion=False,
+        )
     return out
 
 

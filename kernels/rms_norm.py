@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, multiprocessor_count, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 
@@ -170,7 +170,7 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
 
 def _backward_programs(n_rows: int, device: torch.device) -> int:
     """Persistent grid: about one program per multiprocessor (a few on CPU under the interpreter)."""
-    slots = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    slots = multiprocessor_count(device)
     return max(1, min(n_rows, slots))
 
 
@@ -191,9 +191,10 @@ class RMSNormTritonFunction(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, num_warps = _launch_config(n_cols)
         weight_c = weight.contiguous()
-        _rms_norm_fwd_kernel[(n_rows,)](
-            rows, weight_c, y, rstd, rows.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=num_warps
-        )
+        if launchable(rows):
+            _rms_norm_fwd_kernel[(n_rows,)](
+                rows, weight_c, y, rstd, rows.stride(0), y.stride(0), n_cols, eps, BLOCK=block, num_warps=num_warps
+            )
         ctx.save_for_backward(rows, weight_c, rstd)
         ctx.x_shape = x.shape
         return y.view(*x.shape[:-1], n_cols)
@@ -211,22 +212,24 @@ class RMSNormTritonFunction(torch.autograd.Function):
         partial = torch.empty((programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=rows.device)
         block, num_warps = _launch_config(n_cols)
         if block <= MAX_FUSED_BACKWARD:
-            _rms_norm_bwd_kernel[(programs,)](
-                dy_rows, rows, weight, rstd, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
-                n_rows, n_cols, cdiv(n_rows, programs), BLOCK=block, HAS_DX=want_dx, HAS_DW=want_dw,
-                num_warps=num_warps,
-            )
+            if launchable(dy_rows):
+                _rms_norm_bwd_kernel[(programs,)](
+                    dy_rows, rows, weight, rstd, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
+                    n_rows, n_cols, cdiv(n_rows, programs), BLOCK=block, HAS_DX=want_dx, HAS_DW=want_dw,
+                    num_warps=num_warps,
+                )
         else:
             dot = torch.empty(n_rows, dtype=torch.float32, device=rows.device)
-            if want_dx:
+            if want_dx and launchable(dy_rows):
                 _rms_norm_bwd_dot_kernel[(n_rows,)](
                     dy_rows, rows, weight, rstd, dot, dy_rows.stride(0), rows.stride(0), n_cols,
                     BLOCK=block, num_warps=num_warps,
                 )
-            _rms_norm_bwd_tiled_kernel[(programs, cdiv(n_cols, WIDE_TILE))](
-                dy_rows, rows, weight, rstd, dot, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
-                n_rows, n_cols, cdiv(n_rows, programs), TILE=WIDE_TILE, HAS_DX=want_dx, HAS_DW=want_dw, num_warps=8,
-            )
+            if launchable(dy_rows):
+                _rms_norm_bwd_tiled_kernel[(programs, cdiv(n_cols, WIDE_TILE))](
+                    dy_rows, rows, weight, rstd, dot, dx, partial, dy_rows.stride(0), rows.stride(0), dx.stride(0),
+                    n_rows, n_cols, cdiv(n_rows, programs), TILE=WIDE_TILE, HAS_DX=want_dx, HAS_DW=want_dw, num_warps=8,
+                )
         dx_out = dx.view(ctx.x_shape) if want_dx else None
         dw_out = partial.sum(0).to(weight.dtype) if want_dw else None
         return dx_out, dw_out, None

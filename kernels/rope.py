@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import launchable, AuditLaunch, dtype_signature, jit, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 
@@ -147,12 +147,13 @@ def rope_triton_forward(q, k, cos, sin, backward: bool = False):
     n_heads = 0 if q is None else q.shape[2]
     n_kv_heads = 0 if k is None else k.shape[2]
     block_h, block_d, num_warps = _launch_config(n_heads, n_kv_heads, d)
-    _rope_kernel[(b * s,)](
-        q_in, k_in, cos, sin, q_out, k_out, s, n_heads, n_kv_heads, d // 2,
-        q_in.stride(0), q_in.stride(1), q_in.stride(2), k_in.stride(0), k_in.stride(1), k_in.stride(2),
-        cos.stride(0), cos.stride(1),
-        BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps,
-    )
+    if launchable(q_in):
+        _rope_kernel[(b * s,)](
+            q_in, k_in, cos, sin, q_out, k_out, s, n_heads, n_kv_heads, d // 2,
+            q_in.stride(0), q_in.stride(1), q_in.stride(2), k_in.stride(0), k_in.stride(1), k_in.stride(2),
+            cos.stride(0), cos.stride(1),
+            BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward, num_warps=num_warps,
+        )
     return qo, ko
 
 

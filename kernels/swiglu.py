@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, tl
+from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, jit, tl
 from kernels.dispatch import select_backend
 
 
@@ -99,7 +99,8 @@ class SwiGLUTritonFunction(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         h = torch.empty_like(gate)
         n = gate.numel()
-        _swiglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        if launchable(gate):
+            _swiglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
         ctx.save_for_backward(gate, up)
         return h
 
@@ -114,7 +115,8 @@ def swiglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tenso
     dh = dh.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     n = gate.numel()
-    _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if launchable(dh):
+        _swiglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dgate, dup
 
 

@@ -747,6 +747,45 @@ def _dequantize(tensor: Any, shape: tuple[int, ...], path: Path) -> np.ndarray:
     return arr
 
 
+def _read_config(reader: GGUFReader, p: Path):
+    """``(metadata, architecture, tensors by name, HF-order shapes, config)`` of an open GGUF file."""
+    meta = _decode_metadata(reader)
+
+    arch = meta.get(Keys.General.ARCHITECTURE)
+    if arch is None:
+        raise CheckpointError(
+            f"required GGUF metadata key {Keys.General.ARCHITECTURE!r} is missing from {p}; the file was "
+            "written by an incomplete converter. Convert the model again with llama.cpp's convert_hf_to_gguf.py."
+        )
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"GGUF architecture {arch!r} ({p.name}) is not supported; supported architectures are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral files usually say 'llama'). Use a model of one "
+            "of these families."
+        )
+    arch = str(arch)
+
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
+    tokens_field = reader.fields.get(Keys.Tokenizer.LIST)
+    token_count = _array_len(tokens_field) if tokens_field is not None else None
+    rope_freqs = None
+    if _ROPE_FREQS in tensors:
+        rope_freqs = _dequantize(tensors[_ROPE_FREQS], shapes[_ROPE_FREQS], p)
+    config = _build_config(meta, arch, shapes, token_count, rope_freqs, p)
+    return meta, arch, tensors, shapes, config
+
+
+def read_gguf_config(path: str | os.PathLike) -> transformers.PretrainedConfig:
+    """The Hugging Face config of a GGUF model file, without dequantizing its tensors.
+
+    Raises:
+        CheckpointError, UnsupportedArchitectureError: as :func:`read_gguf_checkpoint`.
+    """
+    reader, p = _open_reader(path)
+    return _read_config(reader, p)[4]
+
+
 def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Reads a llama.cpp GGUF model file into a Hugging Face-style checkpoint.
 
@@ -773,30 +812,7 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigurationError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
     reader, p = _open_reader(path)
-    meta = _decode_metadata(reader)
-
-    arch = meta.get(Keys.General.ARCHITECTURE)
-    if arch is None:
-        raise CheckpointError(
-            f"required GGUF metadata key {Keys.General.ARCHITECTURE!r} is missing from {p}; the file was "
-            "written by an incomplete converter. Convert the model again with llama.cpp's convert_hf_to_gguf.py."
-        )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} ({p.name}) is not supported; supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral files usually say 'llama'). Use a model of one "
-            "of these families."
-        )
-    arch = str(arch)
-
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
-    tokens_field = reader.fields.get(Keys.Tokenizer.LIST)
-    token_count = _array_len(tokens_field) if tokens_field is not None else None
-    rope_freqs = None
-    if _ROPE_FREQS in tensors:
-        rope_freqs = _dequantize(tensors[_ROPE_FREQS], shapes[_ROPE_FREQS], p)
-    config = _build_config(meta, arch, shapes, token_count, rope_freqs, p)
+    meta, arch, tensors, shapes, config = _read_config(reader, p)
 
     # Map and validate every tensor before the (slow) dequantization.
     expected = _expected_shapes(config)

@@ -31,6 +31,10 @@ Cost: two PCIe transfers of ``b * s * d * bytes`` per layer and step (host -> de
 so ~5 ms for 128 MiB, mostly hidden behind compute) and that much pinned host memory per layer.
 Saving: the same amount of GPU memory per layer, minus one prefetched layer input.
 
+Memory planning (:mod:`engine.memory`) runs this with ``meta`` tensors standing for a GPU
+(:func:`kernels.dispatch.simulate_gpu`): the offload then takes the synchronous copy path below (no
+streams exist), which allocates and frees the same host and device buffers in the same order.
+
 On CPU the offload is a no-op: the tensor already lives in host memory, so copying it would save
 nothing; ``offload=True`` is then plain checkpointing. (Tests force the copy path on CPU through the
 private ``_force_copy`` argument, which runs the same pack/restore logic without streams.)
@@ -45,6 +49,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from kernels.dispatch import is_gpu
 
 #: One side stream per CUDA device index, for host <-> device copies of offloaded layer inputs.
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -70,7 +76,7 @@ def checkpoint_layer(
         Tensor ``[b, s, d]``: the layer's output, with gradients flowing to ``x`` and the layer's
         trainable parameters.
     """
-    if not (offload and (_force_copy or x.device.type == "cuda")) or not torch.is_grad_enabled():
+    if not (offload and (_force_copy or is_gpu(x.device))) or not torch.is_grad_enabled():
         return checkpoint(layer, x, ctx, use_reentrant=False)
     with torch.autograd.graph.saved_tensors_hooks(_pack_to_host, _unpack_to_device):
         return checkpoint(layer, x, ctx, use_reentrant=False)
@@ -120,7 +126,7 @@ def _pack_to_host(x: torch.Tensor) -> _HostCopy:
             done = torch.cuda.Event()
             done.record(side)
         x.record_stream(side)  # its memory is not reused before the copy has read it
-    else:  # forced copy path (tests): a plain synchronous copy into another buffer
+    else:  # forced copy path (tests) and memory planning: a plain synchronous copy into another buffer
         host = torch.empty(x.shape, dtype=x.dtype, device="cpu")
         host.copy_(x)
         done = None
