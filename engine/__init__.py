@@ -5,6 +5,8 @@ Public API::
     from engine import FastModel
     model, tokenizer = FastModel.from_pretrained(name, max_seq_length=2048, load_in_4bit=False)
     model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
+    engine.estimate_memory("meta-llama/Llama-3.1-8B", max_seq_length=8192)   # plan GPU memory, no GPU needed
+    engine.max_context("meta-llama/Llama-3.1-8B", vram_gb=24)                 # longest context that fits
 """
 
 from engine.errors import (
@@ -27,6 +29,8 @@ _LAZY = {
     "SFTConfig": "engine.training.config",
     "DPOConfig": "engine.training.config",
     "train_on_responses_only": "engine.training.sft_data",
+    "estimate_memory": "engine.memory",
+    "max_context": "engine.memory",
 }
 
 
@@ -51,5 +55,7 @@ __all__ = [
     "SequenceTooLongError",
     "UnsupportedArchitectureError",
     "disable_adapter",
+    "estimate_memory",
+    "max_context",
     "train_on_responses_only",
 ]

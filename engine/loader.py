@@ -227,7 +227,7 @@ class FastModel:
         use_gradient_checkpointing: bool | str = True,
         random_state: int = 3407,
         bias: str = "none",
-        tiled_mlp: bool | int = False,
+        tiled_mlp: bool | int | str = False,
         **unused,
     ) -> CausalLM:
         """Freeze the base model and add LoRA adapters (PEFT-compatible initialisation and scaling).
@@ -245,7 +245,8 @@ class FastModel:
             tiled_mlp: compute each decoder layer's MLP in tiles of rows during training, so that it saves
                 only its input for backward and one tile's ``[rows, intermediate]`` activations exist at a
                 time (costs one extra MLP forward per step; see :meth:`set_tiled_mlp`). ``False``/``0``: off;
-                ``True``: tiles of :func:`kernels.tiled_mlp.default_tile_rows` rows; an int: that many rows.
+                ``True``: tiles of :func:`kernels.tiled_mlp.default_tile_rows` rows; ``"auto"``: about 16 tiles
+                per sequence (:func:`kernels.tiled_mlp.auto_tile_rows`); an int: that many rows.
 
         Returns:
             The same model object, now with trainable adapters.
@@ -275,7 +276,7 @@ class FastModel:
         return model
 
     @staticmethod
-    def set_tiled_mlp(model: CausalLM, tiled_mlp: bool | int) -> None:
+    def set_tiled_mlp(model: CausalLM, tiled_mlp: bool | int | str) -> None:
         """Turn the tiled MLP (:mod:`kernels.tiled_mlp`) on or off for every decoder layer.
 
         In training, an MLP whose input has more tokens (``batch * sequence``) than the tile runs tile by tile:
@@ -288,7 +289,9 @@ class FastModel:
             model: from :meth:`from_pretrained`.
             tiled_mlp: ``False`` or ``0``: off. ``True``: tiles of
                 :func:`kernels.tiled_mlp.default_tile_rows` rows for the model's hidden and intermediate sizes
-                (e.g. 8192 for Llama-3.1-8B). A positive int: that many rows per tile.
+                (e.g. 8192 for Llama-3.1-8B). ``"auto"``: about 16 tiles per sequence, at least 1024 rows each
+                (:func:`kernels.tiled_mlp.auto_tile_rows`; the memory-lean choice for long contexts). A positive
+                int: that many rows per tile.
 
         Sets ``layer.mlp.tile_rows`` of every layer and ``model.tiled_mlp`` (the rows per tile, ``None`` when off).
 
@@ -320,17 +323,19 @@ class FastModel:
         return model
 
 
-def _tile_rows(model: CausalLM, tiled_mlp) -> int | None:
-    """Rows per MLP tile for ``tiled_mlp`` (``None`` when off); see :meth:`FastModel.set_tiled_mlp`."""
+def _tile_rows(model: CausalLM, tiled_mlp) -> int | str | None:
+    """Rows per MLP tile for ``tiled_mlp`` (``"auto"``, or ``None`` when off); see :meth:`FastModel.set_tiled_mlp`."""
     from kernels.tiled_mlp import default_tile_rows
 
+    if tiled_mlp == "auto":
+        return "auto"
     if tiled_mlp is True:
         return default_tile_rows(model.args.hidden_size, model.args.intermediate_size)
     if tiled_mlp is False:
         return None
     if not isinstance(tiled_mlp, int) or tiled_mlp < 0:
         raise ConfigurationError(
-            f"tiled_mlp must be False, True or a non-negative number of rows per tile, got {tiled_mlp!r}"
+            f"tiled_mlp must be False, True, 'auto' or a non-negative number of rows per tile, got {tiled_mlp!r}"
         )
     return tiled_mlp or None
 

@@ -24,7 +24,7 @@ What the plan leaves out, and :func:`max_context` adds: the CUDA context and lib
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -244,6 +244,11 @@ class PlanSession:
         self._cache[seq_len] = estimate = self._breakdown(start, end_of_forward, grads)
         return estimate
 
+    @property
+    def planned_lengths(self) -> list[int]:
+        """Sequence lengths planned so far (their results are cached)."""
+        return sorted(self._cache)
+
     def _breakdown(self, start: int, end_of_forward: int, grad_records) -> MemoryEstimate:
         tracker = self.tracker
         end = tracker.clock
@@ -422,53 +427,63 @@ def estimate_memory(
 
 
 def search_max_length(
-    fits: Callable[[int], bool],
     need: Callable[[int], float],
     budget: float,
     *,
     low: int = 1024,
     high: int = 1 << 21,
     granularity: int = 64,
+    known: Iterable[int] = (),
 ) -> int:
-    """Largest multiple of ``granularity`` in ``[granularity, high]`` with ``fits(length)``; 0 if none.
+    """Largest multiple of ``granularity`` in ``[granularity, high]`` with ``need(length) <= budget``; 0 if none.
 
-    ``need(length)`` (bytes, non-decreasing in length) steers the search: the next probe is where the line
-    through the last two probes reaches ``budget`` (memory grows almost linearly with length), with a
-    bisection step whenever an interpolation did not halve the bracket, so it ends in about as many probes
-    as bisection at worst and in a handful when memory is close to linear.
+    ``need(length)`` (bytes, non-decreasing in length) is expensive, so the search interpolates: memory grows
+    almost linearly with length, so the next probe is where the line through two probes reaches ``budget``,
+    with a bisection step whenever an interpolation did not halve the bracket (never much worse than
+    bisection; a handful of probes when memory is close to linear). ``known`` lengths (already computed,
+    e.g. cached by a :class:`PlanSession`) seed the bracket.
     """
     g = granularity
+    top = max(g, high // g * g)
 
     def down(x: float) -> int:
         return max(g, int(x) // g * g)
 
-    a = min(max(g, low // g * g), high // g * g)
-    if not fits(a):  # even the first probe is too long: bisect below it
-        lo, hi = 0, a
+    def fits(n: int) -> bool:
+        return need(n) <= budget
+
+    known = sorted(n for n in set(known) if g <= n <= top and n % g == 0)
+    fitting = [n for n in known if fits(n)]
+    failing = [n for n in known if not fits(n) and (not fitting or n > fitting[-1])]
+    if not fitting:
+        first = min(max(g, low // g * g), top, failing[0] - g if failing and failing[0] > g else top)
+        if fits(first):
+            fitting = [first]
+        else:
+            failing = [first]
+    if not fitting:  # even the first probe is too long: bisect below it
+        lo, hi = 0, failing[0]
         while hi - lo > g:
             mid = down((lo + hi) / 2)
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
-    # Bracket: extrapolate from the last two fitting probes until one does not fit.
-    lo, hi = a, None
-    prev = None
-    while hi is None:
-        if lo >= high // g * g:
-            return lo
+    lo, hi = fitting[-1], (failing[0] if failing else None)
+    prev = fitting[-2] if len(fitting) > 1 else None
+    while hi is None:  # extrapolate from the two longest fitting probes until one does not fit
+        if lo >= top:
+            return top
         if prev is None:
             nxt = 2 * lo
         else:
-            slope = (need(lo) - need(prev)) / max(lo - prev, 1)
-            guess = lo + (budget - need(lo)) / slope if slope > 0 else 4 * lo
-            nxt = int(guess * 1.02)  # aim just past the crossing, so the bracket is tight
-        nxt = min(max(down(nxt), lo + g), high // g * g)
+            slope = (need(lo) - need(prev)) / (lo - prev)
+            nxt = lo + (budget - need(lo)) / slope * 1.01 if slope > 0 else 4 * lo  # aim just past the crossing
+        nxt = min(max(down(nxt), lo + g), top)
         if fits(nxt):
             prev, lo = lo, nxt
         else:
             hi = nxt
-    # Shrink the bracket: interpolation, with bisection when it stalls.
     bisect_next = False
-    while hi - lo > g:
+    while hi - lo > g:  # shrink the bracket: interpolation, bisection when it stalls
         width = hi - lo
         if bisect_next:
             mid = down((lo + hi) / 2)
@@ -521,4 +536,4 @@ def max_context(
     def need(tokens: int) -> float:
         return session.plan(tokens).required_bytes(reserved_bytes, fragmentation)
 
-    return search_max_length(lambda n: need(n) <= budget, need, budget, low=low, high=high, granularity=granularity)
+    return search_max_length(need, budget, low=low, high=high, granularity=granularity, known=session.planned_lengths)

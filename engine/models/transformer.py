@@ -20,6 +20,7 @@ from engine.modules.checkpointing import checkpoint_layer
 from engine.modules.linear import Linear, project, swiglu_mlp, tiled_swiglu_mlp
 from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
 from kernels.lora_fused import DequantWorkspace
+from kernels.tiled_mlp import auto_tile_rows
 
 
 class RMSNorm(nn.Module):
@@ -111,7 +112,8 @@ class MLP(nn.Module):
     Attributes:
         tile_rows (int or None): when set (``FastModel.set_tiled_mlp``), a training forward over more tokens
             than this runs in tiles of ``tile_rows`` rows (:mod:`kernels.tiled_mlp`): only the input is saved for
-            backward. ``None``: untiled.
+            backward. ``"auto"``: tiles of :func:`kernels.tiled_mlp.auto_tile_rows` rows for each input.
+            ``None``: untiled.
     """
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
@@ -120,14 +122,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
-        self.tile_rows: int | None = None
+        self.tile_rows: int | str | None = None
 
     def forward(self, x: torch.Tensor, workspace: DequantWorkspace | None = None) -> torch.Tensor:
         """Args: x (Tensor): ``[..., d]``. Returns: Tensor ``[..., d]``."""
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         tokens = x.numel() // x.shape[-1]
-        if self.training and self.tile_rows and tokens > self.tile_rows:
-            return tiled_swiglu_mlp(x, *projections, workspace, self.training, swiglu, self.tile_rows)
+        rows = auto_tile_rows(tokens) if self.tile_rows == "auto" else self.tile_rows
+        if self.training and rows and tokens > rows:
+            return tiled_swiglu_mlp(x, *projections, workspace, self.training, swiglu, rows)
         return swiglu_mlp(x, *projections, workspace, self.training, swiglu)
 
 
@@ -212,7 +215,7 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", args.inv_freq.clone().to(device), persistent=False)
         self.gradient_checkpointing: bool | str = False
-        self.tiled_mlp: int | None = None  # rows per MLP tile in training (FastModel.set_tiled_mlp), None: off
+        self.tiled_mlp: int | str | None = None  # rows per MLP tile in training (FastModel.set_tiled_mlp), None: off
         # Attached by the loader: the transformers config and the source the weights came from.
         self.hf_config = None
         self.name_or_path: str | None = None
