@@ -219,7 +219,7 @@ def test_values_of_activations_are_refused_but_token_values_are_known():
         assert int(ids.max()) == 9  # computed from factory values: the shadow answers
         assert (ids != 3).nonzero().shape == (9, 2)
         tracker.phase("x")
-        weights = torch.empty(5, 5)
+        weights = torch.empty(64, 64)  # too big for a float shadow, like every weight and activation
         with pytest.raises(PlanningError, match="floating-point"):
             float(weights.sum())
 
