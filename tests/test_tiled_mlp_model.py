@@ -121,3 +121,33 @@ def test_tiled_mlp_argument(hf_folders):
     model, _ = FastModel.from_pretrained(str(hf_folders["llama"]), dtype="float32", device="cpu", verbose=False)
     model = FastModel.get_peft_model(model, r=4, tiled_mlp=True)
     assert model.tiled_mlp == rows and model.model.layers[0].mlp.tile_rows == rows
+
+
+def test_auto_tile_rows():
+    from kernels.tiled_mlp import auto_tile_rows
+
+    assert auto_tile_rows(100) == 1024  # never below 1024 rows
+    assert auto_tile_rows(16 * 1024) == 1024
+    assert auto_tile_rows(300_000) == 18_944  # 16 tiles, rounded up to 256 rows
+    assert -(-300_000 // auto_tile_rows(300_000)) <= 16
+
+
+def test_auto_tiles_long_inputs_and_keeps_gradients(hf_folders, tiled_calls):
+    """``tiled_mlp="auto"`` on 2,100 tokens: tiles of 1,024 rows, same loss and LoRA gradients as untiled."""
+    global SEQ
+    seq = SEQ
+    SEQ = 2100
+    try:
+        base = _model(hf_folders["llama31"])
+        base.max_seq_length = SEQ
+        loss_ref, grads_ref = _step(base)
+        auto = _model(hf_folders["llama31"], tiled_mlp="auto")
+        auto.max_seq_length = SEQ
+        assert auto.tiled_mlp == "auto"
+        loss, grads = _step(auto)
+    finally:
+        SEQ = seq
+    assert tiled_calls and all(rows == 1024 for _, rows in tiled_calls)
+    assert_close(loss, loss_ref, torch.float32, "loss", reduction=True)
+    for name, g in grads_ref.items():
+        assert_close(grads[name], g, torch.float32, name, reduction=True)
