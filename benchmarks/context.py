@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from engine.memory import max_context, plan_session  # noqa: E402
+from engine.memory import max_context, plan_session
 
 SIZES_GB = (8, 12, 16, 24, 40, 48, 80)
 
@@ -53,7 +53,7 @@ GOAL = 1.5  # ours / Unsloth's, at every size
 
 
 def sides(args) -> dict[str, dict]:
-    common = dict(lora_r=args.lora_r, optimizer=args.optimizer, load_in_4bit=True, device="cuda")
+    common = {"lora_r": args.lora_r, "optimizer": args.optimizer, "load_in_4bit": True, "device": "cuda"}
     return {
         "engine": dict(common, gradient_checkpointing="smart", tiled_mlp="auto"),
         "hf": dict(common, gradient_checkpointing=True, baseline="hf"),
@@ -119,11 +119,11 @@ def fmt(n) -> str:
 def markdown(results: dict, args) -> str:
     engine, hf = results["engine"]["sizes"], results["hf"]["sizes"]
     lines = [
-        f"Max trainable context (tokens), {args.model}, QLoRA r={args.lora_r} on all linear layers, batch 1, "
-        f"{args.optimizer}. Ours: **planned by simulation** (`python benchmarks/context.py`), not measured on a GPU.",
+        (f"Max trainable context (tokens), {args.model}, QLoRA r={args.lora_r} on all linear layers, batch 1, "
+        f"{args.optimizer}. Ours: **planned by simulation** (`python benchmarks/context.py`), not measured on a GPU."),
         "",
-        "| GPU | engine (planned) | HF + PEFT + FA2 (planned) | Unsloth (published) | HF + FA2 (published) "
-        "| engine / Unsloth | host RAM for offload (GiB) |",
+        ("| GPU | engine (planned) | HF + PEFT + FA2 (planned) | Unsloth (published) | HF + FA2 (published) "
+        "| engine / Unsloth | host RAM for offload (GiB) |"),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e, h in zip(engine, hf):

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import launchable, AuditLaunch, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 #: Target number of fp32 logits per chunk (64 MiB): big enough for efficient matmuls, small next to a model.

@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, interpreting, jit, next_power_of_2, tl
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, interpreting, jit, launchable, next_power_of_2, tl
 
 #: Head dims the kernels take: ``BLOCK_D = next_power_of_2(head_dim)`` with the padded columns masked.
 MAX_HEAD_DIM = 128

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, next_power_of_2, tl
 from kernels.nf4 import ABSMAX_BLOCKSIZE, NF4Weight, _table
 
 #: Warps per program for weights large enough to fill them.

@@ -27,7 +27,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, multiprocessor_count, next_power_of_2, tl
+from kernels._triton import (
+    AuditLaunch,
+    cdiv,
+    dtype_signature,
+    jit,
+    launchable,
+    multiprocessor_count,
+    next_power_of_2,
+    tl,
+)
 from kernels.dispatch import select_backend
 
 

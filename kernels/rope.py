@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import launchable, AuditLaunch, dtype_signature, jit, next_power_of_2, tl
+from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
 from kernels.dispatch import select_backend
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import launchable, AuditLaunch, cdiv, dtype_signature, jit, tl
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, tl
 from kernels.dispatch import select_backend
 
 

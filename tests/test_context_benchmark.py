@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import context  # noqa: E402
+from benchmarks import context
 
 
 def test_context_table_files(hf_folders, tmp_path, capsys):

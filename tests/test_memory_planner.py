@@ -23,10 +23,10 @@ from engine.models.config import model_args_from_hf_config
 from engine.models.transformer import CausalLM
 
 #: Small enough for CPU, big enough that a step allocates megabytes (hidden 256, 2 layers, vocab 1000).
-SMALL = dict(
-    vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=8192,
-)
+SMALL = {
+    "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 8192,
+}
 
 
 def small_config(**overrides) -> transformers.LlamaConfig:
@@ -128,7 +128,7 @@ def test_hf_baseline_plan_matches_measured_cpu_peak():
 
 def test_engine_plans_less_than_hf_and_hf_keeps_logits():
     config = small_config(vocab_size=8000)
-    kwargs = dict(lora_r=8, gradient_checkpointing=True, device="cuda")
+    kwargs = {"lora_r": 8, "gradient_checkpointing": True, "device": "cuda"}
     engine = estimate_memory(config, 2048, **kwargs)
     hf = estimate_memory(config, 2048, baseline="hf", **kwargs)
     assert engine.total < hf.total

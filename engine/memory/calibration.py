@@ -41,9 +41,8 @@ def persistent_tensors(model, optimizer) -> list[torch.Tensor]:
 
 def measure_cpu_peak(run: Callable[[], None], alive_before: int) -> int:
     """Peak bytes allocated on CPU while ``run()`` executes, given ``alive_before`` bytes alive when it starts."""
-    from torch.profiler import ProfilerActivity, profile
-
     from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
