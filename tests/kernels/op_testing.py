@@ -136,3 +136,19 @@ def direct_cross_entropy(hidden, weight, labels, reduction="mean", softcap=None,
     if num_items is not None and reduction == "mean":
         return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+
+
+def lora_projection(out_f, in_f, base, dtype, seed, lora=True, bias=False, p=0.0, rank=4):
+    """A random :class:`kernels.lora_fused.Projection` (dense or NF4 base, LoRA of ``rank`` with non-zero ``B``)."""
+    from kernels.lora_fused import Projection
+    from kernels.nf4 import nf4_quantize
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * in_f**-0.5
+    b = torch.randn(out_f, generator=g).to(dtype) * 0.1 if bias else None
+    a = torch.randn(rank, in_f, generator=g) * in_f**-0.5
+    bb = torch.randn(out_f, rank, generator=g) * 0.5  # non-zero so every gradient is exercised
+    weight = w.to(dtype) if base == "dense" else nf4_quantize(w.to(dtype), blocksize=64)
+    if not lora:
+        return Projection(weight, b)
+    return Projection(weight, b, leaf(a.to(dtype)), leaf(bb.to(dtype)), scaling=8.0 / rank, dropout_p=p)

@@ -27,24 +27,11 @@ from kernels.lora_fused import (
     reference_o,
     reference_qkv,
 )
-from kernels.nf4 import nf4_quantize
-from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
+from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, lora_projection, record_saved
 
 N, D, Q, KV, INTER, R = 7, 80, 80, 16, 56, 4
 BASES = ["dense", "nf4"]
 DROPOUTS = [pytest.param(0.0, id="p0"), pytest.param(0.3, id="p0.3")]
-
-
-def _proj(out_f, in_f, base, dtype, seed, lora=True, bias=False, p=0.0) -> Projection:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) * in_f**-0.5
-    b = torch.randn(out_f, generator=g).to(dtype) * 0.1 if bias else None
-    a = torch.randn(R, in_f, generator=g) * in_f**-0.5
-    bb = torch.randn(out_f, R, generator=g) * 0.5  # non-zero so every gradient is exercised
-    weight = w.to(dtype) if base == "dense" else nf4_quantize(w.to(dtype), blocksize=64)
-    if not lora:
-        return Projection(weight, b)
-    return Projection(weight, b, leaf(a.to(dtype)), leaf(bb.to(dtype)), scaling=8.0 / R, dropout_p=p)
 
 
 def _twin(p: Projection) -> Projection:
@@ -95,7 +82,7 @@ QKV_LORA = {"all": (True, True, True), "q_v": (True, False, True), "none": (Fals
 @pytest.mark.parametrize("lora", list(QKV_LORA))
 def test_lora_qkv_matches_reference(lora, p, bias, base, dtype):
     flags = QKV_LORA[lora]
-    projs = [_proj(o, D, base, dtype, 10 + i, f, bias, p) for i, (o, f) in enumerate(zip((Q, KV, KV), flags))]
+    projs = [lora_projection(o, D, base, dtype, 10 + i, f, bias, p) for i, (o, f) in enumerate(zip((Q, KV, KV), flags))]
     x0 = torch.randn(N, D, generator=torch.Generator().manual_seed(1))
     outs, refs, ref_projs, x, xr, masks = _run(lora_qkv, reference_qkv, x0, projs, dtype, training=True)
     assert outs[0].grad_fn._forward_cls is LoRAProjectionsFunction
@@ -108,7 +95,7 @@ def test_lora_qkv_matches_reference(lora, p, bias, base, dtype):
 @pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("p", DROPOUTS)
 def test_lora_o_matches_reference(p, base, dtype):
-    o = _proj(D, Q, base, dtype, 20, bias=True, p=p)
+    o = lora_projection(D, Q, base, dtype, 20, bias=True, p=p)
     x0 = torch.randn(2, 3, Q, generator=torch.Generator().manual_seed(2))  # [b, s, in]: reshaped and back
     out, ref, ref_projs, x, xr, _ = _run(lora_o, reference_o, x0, [o], dtype, training=True)
     assert out.shape == (2, 3, D)
@@ -127,7 +114,7 @@ MLP_LORA = {"all": (True, True, True), "down_only": (False, False, True), "gate_
 def test_lora_mlp_matches_reference(lora, p, bias, base, dtype):
     flags = MLP_LORA[lora]
     shapes = ((INTER, D), (INTER, D), (D, INTER))
-    projs = [_proj(o, i, base, dtype, 30 + k, f, bias, p) for k, ((o, i), f) in enumerate(zip(shapes, flags))]
+    projs = [lora_projection(o, i, base, dtype, 30 + k, f, bias, p) for k, ((o, i), f) in enumerate(zip(shapes, flags))]
     x0 = torch.randn(N, D, generator=torch.Generator().manual_seed(4))
     out, ref, ref_projs, x, xr, _ = _run(lora_mlp, reference_mlp, x0, projs, dtype, training=True)
     assert out.grad_fn._forward_cls is LoRAMLPFunction and out.shape == (N, D)
@@ -135,7 +122,7 @@ def test_lora_mlp_matches_reference(lora, p, bias, base, dtype):
 
 
 def test_dropout_masks_used_only_when_training():
-    projs = [_proj(o, D, "dense", torch.float32, 40 + i, p=0.3) for i, o in enumerate((Q, KV, KV))]
+    projs = [lora_projection(o, D, "dense", torch.float32, 40 + i, p=0.3) for i, o in enumerate((Q, KV, KV))]
     x0 = torch.randn(N, D)
     torch.manual_seed(5)
     train = lora_qkv(x0, *projs, training=True)  # global RNG when no generator is given
@@ -151,9 +138,9 @@ def test_dropout_masks_used_only_when_training():
 
 
 def _tiny_layer(base="nf4", dtype=torch.float32):
-    qkv = [_proj(o, D, base, dtype, 50 + i) for i, o in enumerate((Q, KV, KV))]
-    mlp = [_proj(o, i, base, dtype, 60 + k) for k, (o, i) in enumerate(((INTER, D), (INTER, D), (D, INTER)))]
-    return qkv, _proj(D, Q, base, dtype, 55), mlp
+    qkv = [lora_projection(o, D, base, dtype, 50 + i) for i, o in enumerate((Q, KV, KV))]
+    mlp = [lora_projection(o, i, base, dtype, 60 + k) for k, (o, i) in enumerate(((INTER, D), (INTER, D), (D, INTER)))]
+    return qkv, lora_projection(D, Q, base, dtype, 55), mlp
 
 
 def _layer_step(x0, qkv, o, mlp, workspace):
@@ -198,7 +185,7 @@ def test_workspace_grows_never_shrinks_and_casts_dense():
     ptr = big.data_ptr()
     assert ws.get((5, 5), torch.float32, "cpu").data_ptr() == ptr and ws.buffer(torch.float32, "cpu").numel() == 100
     assert ws.buffer(torch.bfloat16, "cpu") is None
-    p = _proj(KV, D, "dense", torch.float32, 70, lora=False)
+    p = lora_projection(KV, D, "dense", torch.float32, 70, lora=False)
     cast = p.dense(torch.bfloat16, ws)
     assert cast.data_ptr() == ws.buffer(torch.bfloat16, "cpu").data_ptr()
     assert torch.equal(cast, p.weight.to(torch.bfloat16))
@@ -222,7 +209,7 @@ def _storage_bytes_per_token(fn, n_tokens):
 @pytest.mark.parametrize("p", DROPOUTS)
 def test_mlp_saves_less_than_reference(p):
     dtype = torch.bfloat16
-    projs = [_proj(o, i, "dense", dtype, 80 + k, p=p) for k, (o, i) in enumerate(((INTER, D), (INTER, D), (D, INTER)))]
+    projs = [lora_projection(o, i, "dense", dtype, 80 + k, p=p) for k, (o, i) in enumerate(((INTER, D), (INTER, D), (D, INTER)))]
     x = leaf(torch.randn(N, D).to(dtype))
     masks = dropout_masks(x, projs, True, torch.Generator().manual_seed(0))
     with record_saved() as fused:

@@ -14,14 +14,13 @@ import torch
 from kernels.dispatch import record_backends
 from kernels.errors import ConfigurationError
 from kernels.lora_fused import DequantWorkspace, LoRAMLPFunction, Projection, dropout_masks, lora_mlp
-from kernels.nf4 import nf4_quantize
 from kernels.tiled_mlp import (
     DEFAULT_TILE_ROWS,
     TiledMLPFunction,
     default_tile_rows,
     tiled_lora_mlp,
 )
-from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
+from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, lora_projection, record_saved
 
 D, INTER, R = 80, 136, 4
 BASES = ["dense", "nf4"]
@@ -30,21 +29,9 @@ ROWS = [pytest.param(1, 8, id="n1_t8"), pytest.param(7, 8, id="n7_t8"), pytest.p
         pytest.param(100, 16, id="n100_t16")]
 
 
-def _proj(out_f, in_f, base, dtype, seed, lora=True, p=0.0, bias=False) -> Projection:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g) * in_f**-0.5
-    b = torch.randn(out_f, generator=g).to(dtype) * 0.1 if bias else None
-    a = torch.randn(R, in_f, generator=g) * in_f**-0.5
-    bb = torch.randn(out_f, R, generator=g) * 0.5  # non-zero so every gradient is exercised
-    weight = w.to(dtype) if base == "dense" else nf4_quantize(w.to(dtype), blocksize=64)
-    if not lora:
-        return Projection(weight, b)
-    return Projection(weight, b, leaf(a.to(dtype)), leaf(bb.to(dtype)), scaling=8.0 / R, dropout_p=p)
-
-
 def _mlp(base, dtype, p=0.0, inter=INTER, lora=(True, True, True), bias=False, seed=30):
     shapes = ((inter, D), (inter, D), (D, inter))
-    return [_proj(o, i, base, dtype, seed + k, f, p, bias) for k, ((o, i), f) in enumerate(zip(shapes, lora))]
+    return [lora_projection(o, i, base, dtype, seed + k, f, bias, p) for k, ((o, i), f) in enumerate(zip(shapes, lora))]
 
 
 def _twin(p: Projection) -> Projection:
