@@ -165,6 +165,12 @@ def plot(results: dict, args, path: Path) -> None:
     plt.close(fig)
 
 
+def output_paths(args) -> dict[str, Path]:
+    """``{"json" | "md" | "png": path}``: ``context-<model name>.<ext>`` in ``--out`` (names may contain dots)."""
+    name = Path(str(args.model).rstrip("/")).name
+    return {ext: args.out / f"context-{name}.{ext}" for ext in ("json", "md", "png")}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="meta-llama/Llama-3.1-8B", help="name known offline, folder or .gguf")
@@ -195,13 +201,13 @@ def main(argv=None) -> dict:
     if args.measure:
         results["measured"] = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"context-{args.model.rpartition('/')[2]}"
+    paths = output_paths(args)
     table = markdown(results, args)
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    plot(results, args, stem.with_suffix(".png"))
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(table)
+    plot(results, args, paths["png"])
     print(table)
-    print(f"wrote {stem}.json, .md, .png")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
 
 

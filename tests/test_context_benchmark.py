@@ -19,10 +19,10 @@ def test_context_table_files(hf_folders, tmp_path, capsys):
         "--model", str(hf_folders["llama31"]), "--lora-r", "8", "--sizes", "0.59", "0.6",
         "--granularity", "256", "--high", "65536", "--out", str(tmp_path),
     ])
-    stem = tmp_path / f"context-{Path(str(hf_folders['llama31'])).name}"
-    data = json.loads(stem.with_suffix(".json").read_text())
-    table = stem.with_suffix(".md").read_text()
-    assert stem.with_suffix(".png").stat().st_size > 10_000
+    paths = context.output_paths(context.parse_args(["--model", str(hf_folders["llama31"]), "--out", str(tmp_path)]))
+    data = json.loads(paths["json"].read_text())
+    table = paths["md"].read_text()
+    assert paths["png"].stat().st_size > 10_000
     assert "planned by simulation" in table and "planned by simulation" in capsys.readouterr().out
     engine, hf = data["engine"]["sizes"], data["hf"]["sizes"]
     assert [r["vram_gb"] for r in engine] == [0.59, 0.6]
@@ -40,3 +40,8 @@ def test_measure_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(context.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA GPU"):
         context.measure(context.parse_args(["--measure"]))
+
+
+def test_output_names_keep_dots(tmp_path):
+    paths = context.output_paths(context.parse_args(["--model", "meta-llama/Llama-3.1-8B", "--out", str(tmp_path)]))
+    assert paths["json"].name == "context-Llama-3.1-8B.json"
