@@ -237,3 +237,17 @@ def test_tracker_counts_live_bytes_and_frees():
         assert peak == 6000
         assert tracker.live_bytes() == 2800
         del b, c
+
+
+def test_simulated_gpu_takes_the_gpu_decisions():
+    from kernels._triton import launchable, multiprocessor_count
+    from kernels.dispatch import TRITON_OPS, describe_backends, is_gpu, simulate_gpu
+
+    meta = torch.empty(2, device="meta")
+    assert not is_gpu("meta") and describe_backends("meta")["rms_norm"] == "torch"
+    with simulate_gpu() as gpu:
+        backends = describe_backends("meta", torch.bfloat16)
+        assert is_gpu("meta") and not is_gpu("cpu")
+        assert all(backends[op] == "triton" for op in TRITON_OPS)
+        assert multiprocessor_count("meta") == gpu.multiprocessors
+    assert not launchable(meta) and launchable(torch.empty(2))
