@@ -17,12 +17,19 @@ that its output is finite; such rows are ignored by the loss anyway.
 The PyTorch path calls ``scaled_dot_product_attention`` (flash/efficient kernels
 where available, fused backward). It takes the plain causal fast path when
 nothing but causality applies. A padding-free row of packed documents given by
-``doc_lengths`` is attended document by document (variable-length attention):
-each document is a plain causal attention of its own length, so the cost is
-``sum_d n_d^2`` instead of ``(sum_d n_d)^2`` and no ``[s, s]`` mask is built.
+``doc_lengths`` is variable-length attention: no attention crosses a document and
+no ``[s, s]`` mask is built. On the PyTorch path the documents are gathered into a
+few padded batches ``[n_docs, h, L, d]`` of similar lengths (:class:`PackedLayout`,
+built once per forward and shared by every layer) and each batch is ONE causal SDPA
+call: a handful of calls per layer instead of one per document, and a cost of about
+``sum_d n_d^2`` (each batch pads its documents to at most twice their length), not
+``(sum_d n_d)^2``. Padding slots sit after each document's last token, so causality
+alone keeps real queries off them; their outputs are dropped.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +120,7 @@ def attention(
     doc_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
     doc_lengths: tuple[int, ...] | None = None,
+    layout: PackedLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention with grouped-query heads.
 
@@ -124,11 +132,16 @@ def attention(
         doc_lengths (tuple of int, optional): for ``b == 1`` without cache or padding, the lengths of
             the packed documents that make up the row, in order (they sum to ``s``). Then ``doc_ids``
             is not needed and each document is attended on its own.
+        layout (PackedLayout, optional): :func:`packed_layout` of ``doc_lengths``, built once per forward by the
+            caller so that the layers share it (built here when missing). Stands for ``doc_lengths`` when that is
+            not given.
 
     Returns:
         Tensor ``[b, n_heads, s_q, head_dim]``.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
+    if layout is not None and doc_lengths is None:
+        doc_lengths = layout.lengths
     backend = attention_backend(q.device, q.dtype)
     varlen_layout = q_offset == 0 and q_len == kv_len and key_padding_mask is None
     if backend != "torch" and varlen_layout:
@@ -139,14 +152,91 @@ def attention(
             raise ValueError("doc_lengths needs one row (b == 1) of packed documents without cache or padding")
         if sum(doc_lengths) != q_len:
             raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, the row has {q_len} tokens")
-        outputs, start = [], 0
-        for n in doc_lengths:
-            part = slice(start, start + n)
-            outputs.append(_sdpa_attention(q[:, :, part], k[:, :, part], v[:, :, part], scale, 0, None, None,
-                                           sliding_window))
-            start += n
-        return torch.cat(outputs, dim=2)
+        if layout is None or layout.lengths != tuple(doc_lengths):
+            layout = packed_layout(doc_lengths, q.device)
+        return _packed_sdpa_attention(q, k, v, layout, scale, sliding_window)
     return _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding_window)
+
+
+# --------------------------------------------------------------------------- packed documents, PyTorch path
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """How the documents of one padding-free row are gathered into padded batches (see the module docstring).
+
+    Attributes:
+        lengths: the documents' lengths in row order (they sum to ``s``).
+        groups: per batch ``(index, n_docs, length)``: ``index`` int64 ``[n_docs * length]`` picks, for each slot
+            of the batch laid out document-major, its token's row in ``[s + 1]`` token rows (row ``s`` is a zero
+            row standing for padding).
+        unpad: int64 ``[s]``: for token ``t`` of the row, its slot in the concatenation of the batches' slots.
+    """
+
+    lengths: tuple[int, ...]
+    groups: tuple[tuple[torch.Tensor, int, int], ...]
+    unpad: torch.Tensor
+
+
+#: A padded batch holds documents at least this fraction of its longest one (padding at most doubles a document).
+PACK_GROUP_RATIO = 0.5
+
+
+def packed_layout(lengths, device: torch.device | str = "cpu") -> PackedLayout:
+    """Group the documents of a row by length (longest first; a group keeps documents longer than
+    :data:`PACK_GROUP_RATIO` of its longest) and build the gather/scatter indices. Build it once per forward."""
+    lengths = tuple(int(n) for n in lengths)
+    s = sum(lengths)
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] > PACK_GROUP_RATIO * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    unpad = torch.empty(s, dtype=torch.long)
+    built, offset = [], 0
+    for members in groups:
+        width = lengths[members[0]]
+        index = torch.full((len(members), width), s, dtype=torch.long)
+        for row, i in enumerate(members):
+            n, start = lengths[i], starts[i]
+            index[row, :n] = torch.arange(start, start + n)
+            unpad[start : start + n] = offset + row * width + torch.arange(n)
+        built.append((index.reshape(-1).to(device), len(members), width))
+        offset += len(members) * width
+    return PackedLayout(lengths, tuple(built), unpad.to(device))
+
+
+def _packed_sdpa_attention(q, k, v, layout: PackedLayout, scale, sliding_window):
+    """``[1, h, s, d]`` packed documents attended as padded batches, one SDPA call per batch."""
+    _, hq, s, d = q.shape
+    rep = hq // k.shape[1]
+
+    def token_rows(t):  # [1, h, s, d] -> [s + 1, h, d] (one zero row for padding slots)
+        rows = t[0].transpose(0, 1)
+        return torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+
+    qt, kt, vt = token_rows(q), token_rows(k), token_rows(v)
+    outputs = []
+    for index, n_docs, width in layout.groups:
+
+        def batch(t):  # [n_docs, h, width, d]
+            return t.index_select(0, index).view(n_docs, width, t.shape[1], d).transpose(1, 2)
+
+        qb, kb, vb = batch(qt), batch(kt), batch(vt)
+        if rep > 1:  # CPU SDPA runs its fused kernel only for equal head counts
+            kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+        mask = None
+        if sliding_window is not None and sliding_window < width:  # document-relative, so one mask for all
+            mask = build_attention_mask(width, width, sliding_window=sliding_window, device=q.device)[0, 0]
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale)
+        outputs.append(out.transpose(1, 2).reshape(n_docs * width, hq, d))
+    out = torch.cat(outputs).index_select(0, layout.unpad)  # [s, h, d]
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding_window):

@@ -24,8 +24,8 @@ from engine.training.config import SFTConfig
 from engine.training.packing import pack_dataset
 from engine.training.sft_data import tokenize_sft_dataset
 
-#: Batch keys the model's forward takes; collators may add others (e.g. cu_seq_lens for Triton kernels).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+#: Batch keys the model's forward takes (cu_seq_lens: the padding-free collator's document boundaries).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "cu_seq_lens")
 
 
 class SFTTrainer(EngineTrainer):
@@ -114,6 +114,17 @@ class SFTTrainer(EngineTrainer):
         if packing:
             dataset = pack_dataset(dataset, args.max_length)
         return dataset
+
+    def step_shape(self) -> tuple[int, int]:
+        """Padding-free batches (packing or ``padding_free``) are one row of up to ``batch x max_length`` tokens;
+        padded batches ``batch`` rows of up to ``max_length``."""
+        rows, length = super().step_shape()
+        collator = self.data_collator
+        if isinstance(collator, PaddingFreeCollator):
+            total = rows * length
+            multiple = collator.pad_to_multiple_of or 1
+            return 1, -(-total // multiple) * multiple
+        return rows, length
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}

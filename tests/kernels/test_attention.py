@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference, build_attention_mask
+from kernels.attention import attention, attention_reference, build_attention_mask, packed_layout
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf
 
 # --------------------------------------------------------------------------- attention mask semantics
@@ -229,3 +229,37 @@ def test_attention_doc_lengths_rejects_inconsistent_input():
         attention(q, k, v, scale=0.3, doc_lengths=(2, 3))
     with pytest.raises(ValueError, match="b == 1"):
         attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), scale=0.3, doc_lengths=(3, 3))
+
+
+def test_packed_layout_groups_documents_of_similar_length():
+    lengths = (100, 3, 60, 40, 1, 45, 51, 2)
+    layout = packed_layout(lengths)
+    # Longest first; a batch keeps documents longer than half its longest one.
+    assert [(n_docs, width) for _, n_docs, width in layout.groups] == [(3, 100), (2, 45), (2, 3), (1, 1)]
+    # Every token appears exactly once among the batches' slots, and unpad finds it again.
+    slots = torch.cat([index for index, _, _ in layout.groups])
+    assert torch.equal(slots[layout.unpad], torch.arange(sum(lengths)))
+    assert int((slots == sum(lengths)).sum()) == slots.numel() - sum(lengths)  # the rest is padding
+    padded = sum(n_docs * width * width for _, n_docs, width in layout.groups)
+    assert padded <= 4 * sum(n * n for n in lengths)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 7])
+def test_packed_attention_many_documents_equals_document_mask(dtype, window):
+    """Documents of very different lengths (several padded batches), GQA, a shared layout: the block-diagonal oracle."""
+    torch.manual_seed(22)
+    hq, hkv, d = 6, 2, 16
+    lengths = (30, 1, 17, 9, 2, 16, 25, 3)
+    s = sum(lengths)
+    docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    q0, k0, v0 = torch.randn(1, hq, s, d), torch.randn(1, hkv, s, d), torch.randn(1, hkv, s, d)
+    do = torch.randn(1, hq, s, d).to(dtype)
+    q, k, v = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    out = attention(q, k, v, scale=d**-0.5, layout=packed_layout(lengths), sliding_window=window)
+    mask = build_attention_mask(s, s, doc_ids=docs, sliding_window=window)
+    ref = attention_reference(qr, kr, vr, mask, d**-0.5)
+    assert_close(out, ref, dtype, "packed.out", reduction=True)
+    for name, g_, w_ in zip(("dq", "dk", "dv"), grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)):
+        assert_close(g_, w_, dtype, f"packed.{name}", reduction=True)
