@@ -9,7 +9,9 @@ The public entry points mirror what Unsloth users type::
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from engine.loading.safetensors_loader import iter_safetensors, load_hf_config, 
 from engine.loading.weights import load_weights
 from engine.models.config import model_args_from_hf_config
 from engine.models.transformer import CausalLM
+from engine.modules import checkpointing
+from engine.modules.checkpointing import CheckpointChoice, CheckpointPolicy
 from engine.peft import LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
 
 _DTYPES = {
@@ -224,10 +228,11 @@ class FastModel:
         lora_dropout: float = 0.0,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         use_rslora: bool = False,
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str | CheckpointPolicy = "auto",
         random_state: int = 3407,
         bias: str = "none",
         tiled_mlp: bool | int | str = False,
+        memory_budget_gb: float | None = None,
         **unused,
     ) -> CausalLM:
         """Freeze the base model and add LoRA adapters (PEFT-compatible initialisation and scaling).
@@ -238,8 +243,14 @@ class FastModel:
             lora_dropout (float): dropout on the adapters' input.
             target_modules: projection names, or ``"all-linear"``.
             use_rslora (bool): scale by ``alpha / sqrt(r)``.
-            use_gradient_checkpointing: ``True`` recomputes each decoder layer in backward;
-                ``"smart"`` also offloads each layer's saved input to CPU memory on CUDA.
+            use_gradient_checkpointing: which decoder layers are recomputed in backward (gradient checkpointing:
+                less memory, more time; the loss and gradients are the same). ``"auto"`` (default): the memory
+                planner picks the fastest policy whose planned peak fits the memory budget, trying ``False``,
+                ``"every_4"``, ``"every_2"``, ``True`` and (CUDA only) ``"smart"`` in that order, when the step's
+                shape is known: when an engine trainer starts (from its config), or at the first training forward
+                of your own loop (from that batch); see :meth:`resolve_gradient_checkpointing`. ``False``: none.
+                ``True``: every layer. ``"every_<k>"`` (k >= 2): layers ``0, k, 2k, ...``. ``"smart"`` (alias
+                ``"unsloth"``): every layer, and on CUDA each layer's saved input waits in CPU memory.
             random_state (int): seed of the adapter initialisation.
             bias (str): only ``"none"`` (biases stay frozen).
             tiled_mlp: compute each decoder layer's MLP in tiles of rows during training, so that it saves
@@ -247,12 +258,17 @@ class FastModel:
                 time (costs one extra MLP forward per step; see :meth:`set_tiled_mlp`). ``False``/``0``: off;
                 ``True``: tiles of :func:`kernels.tiled_mlp.default_tile_rows` rows; ``"auto"``: about 16 tiles
                 per sequence (:func:`kernels.tiled_mlp.auto_tile_rows`); an int: that many rows.
+            memory_budget_gb (float, optional): with ``use_gradient_checkpointing="auto"``, the memory (GiB) a
+                training step may use in all, weights included, compared with the planned peak. Default: the
+                model's own memory plus 80% of what is free now (free CUDA memory on a GPU, ``MemAvailable`` on
+                CPU). Pin it to make the choice independent of the machine.
 
         Returns:
             The same model object, now with trainable adapters.
 
         Raises:
-            ConfigurationError: an unknown argument or an invalid value (e.g. a negative ``tiled_mlp``).
+            ConfigurationError: an unknown argument or an invalid value (e.g. a negative ``tiled_mlp``, an unknown
+                ``use_gradient_checkpointing``, a ``memory_budget_gb`` that is not a positive number).
         """
         for key in unused:
             if key not in ("max_seq_length", "loftq_config", "init_lora_weights", "modules_to_save"):
@@ -262,6 +278,8 @@ class FastModel:
         if bias != "none":
             raise ConfigurationError(f"bias={bias!r} is not supported; only bias='none'")
         _tile_rows(model, tiled_mlp)  # validated before the model is changed
+        CheckpointPolicy.parse(use_gradient_checkpointing)
+        _check_memory_budget(memory_budget_gb, use_gradient_checkpointing)
         settings = LoraSettings(
             r=r,
             lora_alpha=lora_alpha,
@@ -270,7 +288,7 @@ class FastModel:
             use_rslora=use_rslora,
         )
         add_lora(model, settings, random_state=random_state)
-        FastModel.set_gradient_checkpointing(model, use_gradient_checkpointing)
+        FastModel.set_gradient_checkpointing(model, use_gradient_checkpointing, memory_budget_gb=memory_budget_gb)
         FastModel.set_tiled_mlp(model, tiled_mlp)
         model.train()
         return model
@@ -304,11 +322,105 @@ class FastModel:
         model.tiled_mlp = rows
 
     @staticmethod
-    def set_gradient_checkpointing(model: CausalLM, mode: bool | str) -> None:
-        """``False``, ``True`` (recompute each layer) or ``"smart"`` (recompute + offload layer inputs on CUDA)."""
-        if mode not in (False, True, "smart", "unsloth"):
-            raise ConfigurationError(f"use_gradient_checkpointing must be False, True or 'smart', got {mode!r}")
-        model.gradient_checkpointing = "smart" if mode == "unsloth" else mode
+    def set_gradient_checkpointing(
+        model: CausalLM, mode: bool | str | CheckpointPolicy, memory_budget_gb: float | None = None
+    ) -> None:
+        """Choose which decoder layers are recomputed in backward.
+
+        Args:
+            model: from :meth:`from_pretrained`.
+            mode: ``False`` (none), ``True`` (every layer), ``"every_<k>"`` (layers ``0, k, 2k, ...``, k >= 2),
+                ``"smart"`` (every layer, inputs offloaded to CPU memory on CUDA; alias ``"unsloth"``), a
+                :class:`~engine.modules.checkpointing.CheckpointPolicy`, or ``"auto"`` (chosen by the memory
+                planner once the step's shape is known; see :meth:`resolve_gradient_checkpointing`).
+            memory_budget_gb (float, optional): the budget ``"auto"`` compares planned peaks with (see
+                :meth:`get_peft_model`).
+
+        Sets ``model.gradient_checkpointing`` (``False``, ``True``, ``"smart"``, ``"every_<k>"`` or ``"auto"``);
+        ``model.checkpoint_policy`` is the resolved :class:`~engine.modules.checkpointing.CheckpointPolicy`
+        (``None`` while ``"auto"`` is not resolved).
+
+        Raises:
+            ConfigurationError: an unknown mode, or a ``memory_budget_gb`` that is not a positive number.
+        """
+        policy = CheckpointPolicy.parse(mode)
+        _check_memory_budget(memory_budget_gb, mode)
+        if policy is None:
+            value = "auto"
+        else:
+            value = policy if policy._force_copy else policy.value  # the testing switch lives on the object
+        model.gradient_checkpointing = value
+        model._checkpoint_memory_budget_gb = memory_budget_gb
+        model._auto_checkpoint_choice = None
+
+    @staticmethod
+    def resolve_gradient_checkpointing(
+        model: CausalLM,
+        batch_size: int,
+        seq_len: int,
+        *,
+        optimizer: str = "adamw",
+        when: str = "resolve_gradient_checkpointing",
+        verbose: bool = True,
+    ) -> CheckpointChoice:
+        """Resolve ``use_gradient_checkpointing="auto"`` for steps of ``batch_size x seq_len`` tokens, now.
+
+        The engine trainers call this when training starts; without a trainer the first training forward does
+        (for its batch's shape). Call it yourself before your own loop to plan for your largest batch. For a
+        model whose policy is not ``"auto"`` nothing is planned and the choice names that policy.
+
+        The planner (:func:`engine.memory.planner.choose_checkpointing`) plans a training step of this model on
+        fake tensors for each policy in order of speed (``none``, ``every_4``, ``every_2``, ``all``, and on
+        CUDA ``smart``) and keeps the first whose planned peak fits the budget (``memory_budget_gb``, or the
+        model's own memory plus 80% of the free memory). Plans are cached per model shape. Should the planner
+        fail to run the model's step (a code path fake tensors cannot follow), it warns and checkpoints every layer.
+
+        Args:
+            model: from :meth:`get_peft_model`.
+            batch_size (int): rows per step (1 for a padding-free batch).
+            seq_len (int): tokens per row.
+            optimizer (str): ``"adamw"``, ``"adamw_8bit"`` or ``"sgd"`` (what the plan's optimizer state holds).
+            when (str): recorded in the choice (the report says when it was made).
+            verbose (bool): print the choice in one line.
+
+        Returns:
+            CheckpointChoice: the policy, the reason, the planned peak of every policy tried and the budget.
+
+        Raises:
+            ConfigurationError: no policy fits the budget (the message names the smallest plan and its size).
+        """
+        requested = model.gradient_checkpointing
+        if CheckpointPolicy.parse(requested) is not None:
+            policy = CheckpointPolicy.parse(requested)
+            return CheckpointChoice(policy, str(requested), f"use_gradient_checkpointing={requested!r}")
+        from engine.memory.planner import choose_checkpointing
+
+        start = time.perf_counter()
+        try:
+            choice = choose_checkpointing(
+                model, batch_size, seq_len, memory_budget_gb=model.__dict__.get("_checkpoint_memory_budget_gb"),
+                optimizer=optimizer,
+            )
+        except ConfigurationError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- the planner could not run this step (e.g. a kernel fake tensors lack)
+            import warnings
+
+            reason = (
+                f"auto could not plan a step of {batch_size} x {seq_len} tokens ({type(err).__name__}: {err}); "
+                "checkpointing every layer, the policy with the least memory on every device"
+            )
+            warnings.warn(
+                f"use_gradient_checkpointing='auto': {reason}. Pass a policy (False, True, 'every_2', ...) to choose.",
+                stacklevel=2,
+            )
+            choice = CheckpointChoice(CheckpointPolicy("all"), "auto", reason, batch_size, seq_len)
+        choice.when = when
+        choice.planning_seconds = time.perf_counter() - start
+        model._auto_checkpoint_choice = choice
+        if verbose:
+            print(f"engine: {choice.summary()}")
+        return choice
 
     @staticmethod
     def for_inference(model: CausalLM) -> CausalLM:
@@ -321,6 +433,35 @@ class FastModel:
         """Training mode (dropout and gradient checkpointing as configured)."""
         model.train()
         return model
+
+
+def _check_memory_budget(memory_budget_gb, mode) -> None:
+    """``memory_budget_gb`` is ``None`` or a positive, finite number of GiB (and only meaningful with ``"auto"``)."""
+    if memory_budget_gb is None:
+        return
+    if (
+        isinstance(memory_budget_gb, bool)
+        or not isinstance(memory_budget_gb, (int, float))
+        or not math.isfinite(memory_budget_gb)
+        or memory_budget_gb <= 0
+    ):
+        raise ConfigurationError(
+            f"memory_budget_gb must be a positive number of GiB (e.g. 20 for a 24 GB GPU, leaving room for the "
+            f"CUDA context), or None to use the free memory; got {memory_budget_gb!r}"
+        )
+    if CheckpointPolicy.parse(mode) is not None:
+        raise ConfigurationError(
+            f"memory_budget_gb is the budget of use_gradient_checkpointing='auto'; with "
+            f"use_gradient_checkpointing={mode!r} it would be ignored. Drop it, or use 'auto'."
+        )
+
+
+def _resolve_auto_at_forward(model: CausalLM, rows: int, seq_len: int, when: str) -> CheckpointChoice:
+    """``"auto"`` at a training forward no trainer prepared: plan for this batch's shape (see ``training_policy``)."""
+    return FastModel.resolve_gradient_checkpointing(model, rows, seq_len, when=when)
+
+
+checkpointing.register_auto_resolver(_resolve_auto_at_forward)
 
 
 def _tile_rows(model: CausalLM, tiled_mlp) -> int | str | None:

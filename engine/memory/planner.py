@@ -24,9 +24,12 @@ What the plan leaves out, and :func:`max_context` adds: the CUDA context and lib
 from __future__ import annotations
 
 import math
+import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,11 +38,22 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from engine.errors import ConfigurationError
 from engine.memory.configs import resolve_config
 from engine.memory.tracker import MemoryTracker
+from engine.modules.checkpointing import CHECKPOINTING_CHOICES, CheckpointChoice, CheckpointPolicy
 
 #: Optimizers the planner knows: torch AdamW (fp32 states), bitsandbytes' 8-bit AdamW, plain SGD.
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
-#: Gradient checkpointing modes: off, recompute each layer, recompute + offload layer inputs to host.
+#: Gradient checkpointing modes: off, recompute each layer, recompute + offload layer inputs to host. Any
+#: :class:`~engine.modules.checkpointing.CheckpointPolicy` value is planned too (``"every_2"``, ``"all"``, ...).
 CHECKPOINTING = (False, True, "smart")
+#: The policies ``use_gradient_checkpointing="auto"`` tries, fastest first (fewest layers recomputed); "smart" only
+#: on CUDA (on CPU it is "all").
+AUTO_POLICIES = (
+    CheckpointPolicy("none"), CheckpointPolicy("every_k", 4), CheckpointPolicy("every_k", 2), CheckpointPolicy("all"),
+    CheckpointPolicy("smart"),
+)
+#: Share of the free memory ``"auto"`` lets a step use (the rest: allocator fragmentation, CUDA workspaces,
+#: what the plan leaves out such as DPO's reference pass, other processes).
+DEFAULT_BUDGET_MARGIN = 0.8
 #: CUDA context, cuBLAS/cuDNN workspaces and other memory outside PyTorch's allocator (per process).
 DEFAULT_RESERVED_BYTES = 600 * 2**20
 #: Headroom for the caching allocator's block rounding and fragmentation, as a fraction of the peak.
@@ -199,6 +213,7 @@ class PlanSession:
         self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self._gpu = simulate_gpu if device == "cuda" else nullcontext
         self._cache: dict[int, MemoryEstimate] = {}
+        self._policy_cache: dict[tuple[str, int], MemoryEstimate] = {}
         self._warm = False
         with self._modes():
             self.model, self.optimizer = build(self.fake_device)
@@ -235,14 +250,37 @@ class PlanSession:
         """The planned peak of a training step on ``batch_size x seq_len`` tokens."""
         if seq_len in self._cache:
             return self._cache[seq_len]
+        self._cache[seq_len] = estimate = self._run(seq_len)
+        return estimate
+
+    def plan_policy(self, seq_len: int, policy, warm_len: int | None = None) -> MemoryEstimate:
+        """The planned peak with gradient checkpointing set to ``policy`` (a
+        :class:`~engine.modules.checkpointing.CheckpointPolicy` or a value naming one); cached by policy and length.
+
+        ``warm_len``: the length of the extra first step that creates the optimizer states (default ``seq_len``).
+        The states do not depend on the length, so a short warm-up step gives the same plan for less time.
+        """
+        policy = CheckpointPolicy.parse(policy)
+        if policy is None:
+            raise ConfigurationError("plan_policy needs a policy, not 'auto'")
+        key = (policy.name, seq_len)
+        if key not in self._policy_cache:
+            previous = self.model.gradient_checkpointing
+            self.model.gradient_checkpointing = policy.value
+            try:
+                self._policy_cache[key] = self._run(seq_len, warm_len)
+            finally:
+                self.model.gradient_checkpointing = previous
+        return self._policy_cache[key]
+
+    def _run(self, seq_len: int, warm_len: int | None = None) -> MemoryEstimate:
         with self._modes():
             if not self._warm:
-                self._step(seq_len)  # allocates the optimizer states
+                self._step(warm_len or seq_len)  # allocates the optimizer states
                 self._warm = True
             self.tracker.prune()
             start, end_of_forward, grads = self._step(seq_len)
-        self._cache[seq_len] = estimate = self._breakdown(start, end_of_forward, grads)
-        return estimate
+        return self._breakdown(start, end_of_forward, grads)
 
     @property
     def planned_lengths(self) -> list[int]:
@@ -300,8 +338,17 @@ def _check(batch_size, lora_r, gradient_checkpointing, optimizer) -> None:
     for name, value in (("batch_size", batch_size), ("lora_r", lora_r)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
-    if gradient_checkpointing not in CHECKPOINTING:
-        raise ConfigurationError(f"gradient_checkpointing must be False, True or 'smart', got {gradient_checkpointing!r}")
+    try:
+        policy = CheckpointPolicy.parse(gradient_checkpointing)
+    except ConfigurationError:
+        policy = None
+    if policy is None:  # unknown, or "auto" (which is chosen by planning, not planned itself)
+        choices = CHECKPOINTING_CHOICES.replace("'auto', ", "")
+        hint = (
+            " ('auto' is what these plans choose from: engine.memory.planner.choose_checkpointing(model, ...) for a "
+            "loaded model)" if gradient_checkpointing == "auto" else ""
+        )
+        raise ConfigurationError(f"gradient_checkpointing must be {choices}; got {gradient_checkpointing!r}{hint}")
     if optimizer not in OPTIMIZERS:
         raise ConfigurationError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
@@ -350,6 +397,7 @@ def plan_session(
 ) -> PlanSession:
     """A :class:`PlanSession` for ``model`` (arguments as :func:`estimate_memory`); plans many lengths quickly."""
     _check(batch_size, lora_r, gradient_checkpointing, optimizer)
+    gradient_checkpointing = CheckpointPolicy.parse(gradient_checkpointing).value  # "unsloth" -> "smart", "all" -> True
     if baseline not in ("engine", "hf"):
         raise ConfigurationError(f"baseline must be 'engine' or 'hf', got {baseline!r}")
     config = resolve_config(model)
@@ -368,6 +416,8 @@ def plan_session(
         "tiled_mlp": tiled_mlp,
     }
     if baseline == "hf":
+        if CheckpointPolicy.parse(gradient_checkpointing).mode == "every_k":
+            raise ConfigurationError("the Hugging Face baseline checkpoints every layer or none: use True or False")
         if tiled_mlp:
             raise ConfigurationError("tiled_mlp is an engine feature; the Hugging Face baseline has no such option")
         from engine.memory.hf_baseline import hf_builder
@@ -400,7 +450,8 @@ def estimate_memory(
         batch_size (int): sequences per step.
         lora_r (int): LoRA rank.
         load_in_4bit (bool): NF4 base weights (QLoRA).
-        gradient_checkpointing: ``False``, ``True`` or ``"smart"`` (recompute + offload layer inputs to host).
+        gradient_checkpointing: ``False``, ``True``, ``"smart"`` (recompute + offload layer inputs to host) or
+            ``"every_<k>"`` (recompute layers ``0, k, 2k, ...``); see :class:`~engine.modules.checkpointing.CheckpointPolicy`.
         optimizer (str): one of :data:`OPTIMIZERS`.
         **kwargs: ``lora_alpha`` (default ``lora_r``), ``target_modules`` (default all seven projections),
             ``dtype`` (compute dtype, default bf16), ``device`` (``"cuda"``: plan for a GPU, simulated;
@@ -537,3 +588,357 @@ def max_context(
         return session.plan(tokens).required_bytes(reserved_bytes, fragmentation)
 
     return search_max_length(need, budget, low=low, high=high, granularity=granularity, known=session.planned_lengths)
+
+
+# --------------------------------------------------------------------------- use_gradient_checkpointing="auto"
+
+
+def available_host_memory() -> int | None:
+    """Bytes of RAM available to this process now: ``MemAvailable`` of ``/proc/meminfo``, capped by a cgroup v2
+    memory limit (containers), else ``psutil.virtual_memory().available``; ``None`` when neither can be read."""
+    available = None
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        available = int(match.group(1)) * 1024 if match else None
+    except OSError:
+        pass
+    if available is None:
+        try:
+            import psutil
+
+            available = int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    try:  # a container's limit: what it may still use, counting reclaimable page cache as free
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            stat = re.search(r"^inactive_file\s+(\d+)", (cgroup / "memory.stat").read_text(), re.MULTILINE)
+            used -= int(stat.group(1)) if stat else 0
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def memory_budget(model, memory_budget_gb: float | None = None, margin: float = DEFAULT_BUDGET_MARGIN) -> tuple[int, str]:
+    """``(bytes, where from)``: the memory a training step of ``model`` may use, weights included.
+
+    ``memory_budget_gb`` (GiB) when given. Otherwise the model's own parameters and buffers (already allocated,
+    so no longer counted as free) plus ``margin`` of the free memory on its device: ``torch.cuda.mem_get_info``
+    on CUDA, :func:`available_host_memory` on CPU. The planned peak it is compared with includes the weights.
+
+    Raises:
+        ConfigurationError: the free memory cannot be read (pass ``memory_budget_gb``).
+    """
+    if memory_budget_gb is not None:
+        return int(memory_budget_gb * _GIB), f"memory_budget_gb={memory_budget_gb:g}"
+    device = model.device
+    held = model.get_memory_footprint()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = "free CUDA memory"
+    else:
+        free = available_host_memory()
+        where = "available RAM"
+        if free is None:
+            raise ConfigurationError(
+                "use_gradient_checkpointing='auto' cannot tell how much memory is free (no /proc/meminfo, no psutil); "
+                "pass memory_budget_gb=... to FastModel.get_peft_model, or choose a policy such as True"
+            )
+    return int(held + margin * free), f"{margin:.0%} of {free / _GIB:.2f} GiB {where} + the model's {held / _GIB:.2f} GiB"
+
+
+def _optimizer_name(optim: str | None) -> str:
+    """The planner's optimizer for a ``TrainingArguments.optim`` value (AdamW-like states unless 8-bit or SGD)."""
+    optim = str(optim or "adamw").lower()
+    if "8bit" in optim:
+        return "adamw_8bit"
+    if optim == "sgd":
+        return "sgd"
+    return "adamw"
+
+
+def _signature(model, batch_size: int, optimizer: str) -> tuple:
+    """What a plan of ``model`` depends on: architecture, dtypes, what trains, quantization, LoRA, tiling."""
+    a = model.args
+    arch = tuple(
+        (f.name, tuple(v.tolist()) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v)
+        for f in fields(a)
+        for v in [getattr(a, f.name)]
+    )
+    params = tuple((n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters())
+    buffers = tuple((n, tuple(b.shape), str(b.dtype)) for n, b in model.named_buffers())
+    lora = repr(getattr(model, "lora_settings", None))
+    tiles = tuple(layer.mlp.tile_rows for layer in model.model.layers)
+    return (arch, params, buffers, lora, tiles, model.device.type, batch_size, optimizer)
+
+
+class _AdamWStates:
+    """Stand-in for ``torch.optim.AdamW`` in ``"auto"`` plans: allocates the two moments (like each parameter)
+    and the step counter when created, so no warm-up step is needed, and in :meth:`step` the two
+    parameter-sized temporaries one tensor's update holds (``exp_avg_sq.sqrt() / c``); updates nothing."""
+
+    def __init__(self, params, host: torch.device):
+        self.params = list(params)
+        self.state = {
+            p: [torch.empty_like(p), torch.empty_like(p), torch.zeros((), dtype=torch.float32, device=host)]
+            for p in self.params
+        }
+
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                temporaries = [torch.empty_like(p), torch.empty_like(p)]
+                del temporaries
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Callable:
+    """``build(fake_device) -> (model, optimizer)``: a fake copy of ``model`` (same architecture, dtypes, NF4
+    projections, LoRA adapters and dropout, trainable parameters, MLP tiles), without reading its weights;
+    with ``num_layers``, only its first ``num_layers`` decoder layers. The optimizer's states exist from the start
+    (AdamW and 8-bit AdamW stand-ins), so the first planned step needs no warm-up step before it."""
+    import dataclasses
+
+    from engine.models.transformer import CausalLM
+    from engine.modules.linear import Linear
+    from engine.peft import add_lora, lora_modules
+
+    args, dtype = model.args, model.dtype
+    if num_layers is not None and num_layers != args.num_layers:
+        windows = list(args.sliding_windows[:num_layers]) if args.sliding_windows else args.sliding_windows
+        args = dataclasses.replace(args, num_layers=num_layers, sliding_windows=windows)
+    quantized = {
+        name: (getattr(m, "weight_nf4_absmax_code", None) is not None, m._nf4_blocksize)
+        for name, m in model.named_modules()
+        if isinstance(m, Linear) and m.is_quantized
+    }
+    settings = getattr(model, "lora_settings", None) if lora_modules(model) else None
+    real = {name: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}  # no reference to the weights
+    tiles = [layer.mlp.tile_rows for layer in model.model.layers]
+    tiled_mlp = model.tiled_mlp
+
+    def build(fake_device):
+        with torch.device("meta"):
+            fake = CausalLM(args, max_seq_length=1 << 22, dtype=dtype)
+        materialize_fake(fake, fake_device)
+        for name, m in fake.named_modules():
+            if name in quantized:
+                m.quantize_nf4_(double_quant=quantized[name][0], blocksize=quantized[name][1])
+        if settings is not None:
+            add_lora(fake, settings, random_state=0)
+        for name, p in list(fake.named_parameters()):
+            if name not in real:
+                continue
+            real_dtype, trains = real[name]
+            if real_dtype != p.dtype:  # e.g. adapters cast to bf16
+                owner, _, attr = name.rpartition(".")
+                fake.get_submodule(owner)._parameters[attr] = nn.Parameter(torch.empty_like(p, dtype=real_dtype), trains)
+            else:
+                p.requires_grad_(trains)
+        for layer, rows in zip(fake.model.layers, tiles):
+            layer.mlp.tile_rows = rows
+        fake.tiled_mlp = tiled_mlp
+        fake.train()
+        trainable = [p for p in fake.parameters() if p.requires_grad]
+        if optimizer == "adamw":
+            states = _AdamWStates(trainable, torch.device("cpu"))
+        else:
+            states = make_optimizer(optimizer, trainable)
+            if optimizer == "adamw_8bit":
+                states.step()  # allocates its states now (it updates nothing)
+        return fake, states
+
+    return build
+
+
+#: Models with at most this many decoder layers are always planned at full depth (cheap enough).
+_SHALLOW_LIMIT = 4
+#: An extrapolated peak this close to the budget (relative) is checked by a plan at full depth.
+EXTRAPOLATION_TOLERANCE = 0.15
+
+
+class _AutoPlans:
+    """The planned peaks of one model (signature), batch size and optimizer, for any policy and length.
+
+    Planning costs time per decoder layer (every op of a step passes through the fake-tensor machinery), so a
+    deep model whose layers are all alike is planned through shallow copies: a policy that checkpoints every
+    ``k``-th layer repeats with period ``k`` (``none``, ``all``, ``smart``: ``k = 1``), and adding ``k`` layers
+    below the top adds the same memory (their weights, what they save for backward, their gradients). With
+    ``n = r + q k`` layers, copies of ``d1`` (``r``, or ``k`` when ``r = 0``) and ``d1 + k`` layers are planned
+    and the peak extrapolated linearly in ``q``. For SmolLM2-135M that is 3 layers planned instead of 30 for
+    ``none``. :func:`choose_checkpointing` re-plans at full depth when the extrapolation is close to the budget.
+    """
+
+    def __init__(self, model, batch_size: int, optimizer: str):
+        self.batch_size, self.optimizer = batch_size, optimizer
+        self.device = "cuda" if model.device.type == "cuda" else "cpu"
+        self.num_layers = model.args.num_layers
+        windows = model.args.sliding_windows or []
+        self.uniform = len(set(windows)) <= 1
+        self.sessions: dict[int, PlanSession] = {}  # by depth; they hold fake models only, never the weights
+
+    def _session(self, model, depth: int) -> PlanSession:
+        if depth not in self.sessions:
+            self.sessions[depth] = PlanSession(_mirror_builder(model, self.optimizer, depth), self.device, self.batch_size)
+            self.sessions[depth]._warm = True  # the optimizer states exist already
+        return self.sessions[depth]
+
+    def depths(self, policy: CheckpointPolicy) -> tuple[int, int] | None:
+        """The two shallow depths to extrapolate from, or ``None``: plan at full depth."""
+        n = self.num_layers
+        if not self.uniform or n <= _SHALLOW_LIMIT:
+            return None
+        k = policy.every if policy.mode == "every_k" else 1
+        d1 = n % k or k
+        return (d1, d1 + k) if d1 + k < n else None
+
+    def full(self, model, policy: CheckpointPolicy, seq_len: int) -> MemoryEstimate:
+        return self._session(model, self.num_layers).plan_policy(seq_len, policy)
+
+    def estimate(self, model, policy: CheckpointPolicy, seq_len: int) -> tuple[int, int, str]:
+        """``(peak bytes, host offload bytes, how)``: extrapolated from shallow copies, or planned at full depth."""
+        depths = self.depths(policy)
+        if depths is None:
+            e = self.full(model, policy, seq_len)
+            return e.total, e.host_offload, "planned"
+        d1, d2 = depths
+        e1 = self._session(model, d1).plan_policy(seq_len, policy)
+        e2 = self._session(model, d2).plan_policy(seq_len, policy)
+        blocks = (self.num_layers - d1) // (d2 - d1)
+        total = e1.total + blocks * (e2.total - e1.total)
+        host = e1.host_offload + blocks * (e2.host_offload - e1.host_offload)
+        return total, host, f"extrapolated from {d1} and {d2} layers"
+
+
+#: Plans of models trained recently, by :func:`_signature` (tests and notebooks build the same model many times).
+_PLANS: OrderedDict = OrderedDict()
+_MAX_PLANS = 4
+
+
+def _plans_for(model, batch_size: int, optimizer: str) -> _AutoPlans:
+    key = _signature(model, batch_size, optimizer)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
+    plans = _PLANS[key] = _AutoPlans(model, batch_size, optimizer)
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plans
+
+
+def planned_peaks(model, batch_size: int, seq_len: int, policies=None, *, optimizer: str = "adamw",
+                  exact: bool = False) -> dict[str, int]:
+    """``{policy name: planned peak bytes}`` of a training step of ``model`` on ``batch_size x seq_len`` tokens,
+    as :func:`choose_checkpointing` sees them (``exact=True``: every policy planned at full depth).
+    ``policies`` defaults to :data:`AUTO_POLICIES` (``smart`` only for a CUDA model)."""
+    optimizer = optimizer if optimizer in OPTIMIZERS else _optimizer_name(optimizer)
+    plans = _plans_for(model, batch_size, optimizer)
+    on_cuda = model.device.type == "cuda"
+    out = {}
+    for policy in policies or AUTO_POLICIES:
+        policy = CheckpointPolicy.parse(policy)
+        if policy.mode == "smart" and not on_cuda and policies is None:
+            continue
+        if exact:
+            out[policy.name] = plans.full(model, policy, seq_len).total
+        else:
+            out[policy.name] = plans.estimate(model, policy, seq_len)[0]
+    return out
+
+
+def choose_checkpointing(
+    model,
+    batch_size: int,
+    seq_len: int,
+    *,
+    memory_budget_gb: float | None = None,
+    optimizer: str = "adamw",
+    margin: float = DEFAULT_BUDGET_MARGIN,
+    policies: Iterable[CheckpointPolicy] | None = None,
+) -> CheckpointChoice:
+    """The fastest gradient checkpointing policy whose planned training step fits the memory budget.
+
+    Plans a training step of ``model`` (an engine model: a fake copy with the same architecture, dtypes, NF4
+    weights, adapters and tiling; no weights are read) on ``batch_size x seq_len`` tokens for each policy of
+    :data:`AUTO_POLICIES` in order (``none``, ``every_4``, ``every_2``, ``all``, and ``smart`` when the model
+    is on CUDA), skipping a policy that recomputes the same layers as one already tried, and stops at the
+    first whose planned peak (weights included) is at most the budget (:func:`memory_budget`). On CUDA,
+    ``smart`` must also fit its offloaded layer inputs into ``margin`` of the available RAM.
+
+    Cost: a deep model of identical layers is planned through shallow copies and the peak extrapolated (see
+    :class:`_AutoPlans`); an extrapolated peak within :data:`EXTRAPOLATION_TOLERANCE` of the budget is planned
+    again at full depth. Plans are cached per model signature, batch size, policy and length: the same shape
+    again plans nothing.
+
+    Args:
+        model: an engine :class:`~engine.models.transformer.CausalLM` (usually with LoRA adapters).
+        batch_size (int): rows per step (1 for a padding-free batch). seq_len (int): tokens per row.
+        memory_budget_gb (float, optional): the budget in GiB; default: see :func:`memory_budget`.
+        optimizer (str): one of :data:`OPTIMIZERS` (a ``TrainingArguments.optim`` name is mapped).
+        margin (float): share of the free memory used when no budget is given.
+        policies: the candidates (default :data:`AUTO_POLICIES`).
+
+    Returns:
+        CheckpointChoice: the policy, the reason, each policy tried with its planned peak, and the budget.
+
+    Raises:
+        ConfigurationError: no policy fits (the message names the smallest plan and its size against the budget).
+    """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")
+    optimizer = optimizer if optimizer in OPTIMIZERS else _optimizer_name(optimizer)
+    budget, source = memory_budget(model, memory_budget_gb, margin)
+    on_cuda = model.device.type == "cuda"
+    host_budget = None
+    if on_cuda:
+        host = available_host_memory()
+        host_budget = int(margin * host) if host is not None else None
+    candidates = [p for p in (policies or AUTO_POLICIES) if on_cuda or p.mode != "smart"]
+    auto = _plans_for(model, batch_size, optimizer)
+    num_layers = model.args.num_layers
+    plans, tried = [], set()
+    shape = f"{batch_size} x {seq_len:,} tokens"
+    for policy in candidates:
+        layers = (policy.checkpointed_layers(num_layers), policy.mode == "smart")
+        if layers in tried:  # e.g. every_4 and every_2 of a 2-layer model: the same plan
+            continue
+        tried.add(layers)
+        total, host_bytes, how = auto.estimate(model, policy, seq_len)
+        if how != "planned" and abs(total - budget) <= EXTRAPOLATION_TOLERANCE * budget:
+            exact = auto.full(model, policy, seq_len)  # too close to call: plan at full depth
+            total, host_bytes, how = exact.total, exact.host_offload, "planned (extrapolation was close to the budget)"
+        fits = total <= budget
+        if fits and policy.mode == "smart" and host_budget is not None:
+            fits = host_bytes <= host_budget
+        plans.append(
+            {"policy": policy.name, "planned_peak_bytes": int(total), "host_offload_bytes": int(host_bytes),
+             "fits": fits, "how": how}
+        )
+        if fits:
+            tried_text = ", ".join(
+                f"{p['policy']} {p['planned_peak_bytes'] / _GIB:.2f} GiB{'' if p['fits'] else ' (too much)'}"
+                for p in plans
+            )
+            reason = f"auto for {shape}: planned peak {tried_text}; budget {budget / _GIB:.2f} GiB ({source})"
+            return CheckpointChoice(policy, "auto", reason, batch_size, seq_len, budget, source, plans)
+    smallest = min(plans, key=lambda p: p["planned_peak_bytes"])
+    listing = ", ".join(f"{p['policy']} {p['planned_peak_bytes'] / _GIB:.2f} GiB" for p in plans)
+    host_note = (
+        " ('smart' also needs its offloaded layer inputs in RAM: "
+        f"{plans[-1]['host_offload_bytes'] / _GIB:.2f} GiB against {host_budget / _GIB:.2f} GiB available)"
+        if on_cuda and plans[-1]["policy"] == "smart" and host_budget is not None else ""
+    )
+    raise ConfigurationError(
+        f"use_gradient_checkpointing='auto': no checkpointing policy fits a training step of {shape} into the "
+        f"memory budget of {budget / _GIB:.2f} GiB ({source}). The smallest plan is '{smallest['policy']}' at "
+        f"{smallest['planned_peak_bytes'] / _GIB:.2f} GiB (planned peaks: {listing}){host_note}. Lower "
+        "per_device_train_batch_size or max_length, load the model with load_in_4bit=True, use tiled_mlp='auto' or "
+        "a smaller LoRA rank, free memory, or raise memory_budget_gb if more memory is really available."
+    )

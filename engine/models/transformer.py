@@ -16,9 +16,11 @@ from torch import nn
 
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
-from engine.modules.checkpointing import checkpoint_layer
+from engine.modules.checkpointing import current_policy, training_policy
 from engine.modules.linear import Linear, project, swiglu_mlp, tiled_swiglu_mlp
 from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
+from kernels.attention import PackedLayout, packed_layout
+from kernels.dispatch import attention_backend
 from kernels.lora_fused import DequantWorkspace
 from kernels.tiled_mlp import auto_tile_rows
 
@@ -44,6 +46,8 @@ class AttentionContext:
         key_padding_mask: bool ``[b, s_kv]`` or ``None``.
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
         doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
+        layout: for that row on the PyTorch attention path, how its documents are batched
+            (:func:`kernels.attention.packed_layout`), built once here and shared by every layer.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
         workspace: the model's buffer that NF4 base weights are dequantized into (one at a time).
     """
@@ -53,6 +57,7 @@ class AttentionContext:
     key_padding_mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     doc_lengths: tuple[int, ...] | None = None
+    layout: PackedLayout | None = None
     cache: object | None = None
     workspace: DequantWorkspace | None = None
 
@@ -101,6 +106,7 @@ class Attention(nn.Module):
             doc_ids=ctx.doc_ids,
             sliding_window=self.sliding_window,
             doc_lengths=ctx.doc_lengths,
+            layout=ctx.layout,
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return project(out, (self.o_proj,), ctx.workspace, self.training)[0]
@@ -189,6 +195,18 @@ def packed_document_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
     return (position_ids == 0).cumsum(dim=1)
 
 
+def _lengths_from_cu_seq_lens(cu_seq_lens: torch.Tensor, s: int) -> tuple[int, ...]:
+    """Document lengths from boundaries ``[0, ..., s]`` (one host copy of ``n_docs + 1`` integers)."""
+    bounds = [int(v) for v in cu_seq_lens.reshape(-1).tolist()]
+    lengths = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if not bounds or bounds[0] != 0 or bounds[-1] != s or any(n <= 0 for n in lengths):
+        raise ConfigurationError(
+            f"cu_seq_lens {bounds[:8]}{'...' if len(bounds) > 8 else ''} are not increasing document boundaries "
+            f"from 0 to the row's {s} tokens; pass the collator's cu_seq_lens unchanged, or leave them out"
+        )
+    return lengths
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model with a (possibly tied) output head.
 
@@ -234,17 +252,52 @@ class CausalLM(nn.Module):
         """The transformers config this model was built from (what ``save_pretrained`` writes)."""
         return self.hf_config
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint every decoder layer (keeps ``"smart"`` if it is already on); transformers' name."""
-        if not self.gradient_checkpointing:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Turn checkpointing on, as transformers' Trainer does for ``gradient_checkpointing=True`` (alias
+        ``activation_checkpointing``): every layer (keeps ``"smart"`` if it is already on; replaces ``"auto"``),
+        layers ``0, n, 2n, ...`` for ``every_n_layers=n`` (``"every_<n>"``), every layer with its input in host
+        memory for ``offload=True`` (``"smart"``). Other keyword arguments of ``torch.utils.checkpoint`` are
+        ignored (the engine always checkpoints non-reentrantly)."""
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ConfigurationError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        if every_n_layers > 1:
+            if offload:
+                raise ConfigurationError(
+                    "offload=True applies to every layer (the engine's 'smart' checkpointing); use every_n_layers=1"
+                )
+            self.gradient_checkpointing = f"every_{every_n_layers}"
+            return
+        policy = current_policy(self)
+        if offload:
+            self.gradient_checkpointing = "smart"
+        elif policy is None or policy.mode != "smart":
             self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' newer name of :meth:`gradient_checkpointing_enable`."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return bool(self.gradient_checkpointing)
+        """Whether any decoder layer is recomputed in backward (``False`` while ``"auto"`` is not resolved)."""
+        policy = current_policy(self)
+        return policy is not None and policy.mode != "none"
+
+    @property
+    def checkpoint_policy(self):
+        """The :class:`~engine.modules.checkpointing.CheckpointPolicy` training forwards use (``None`` while
+        ``gradient_checkpointing="auto"`` waits for its first training step)."""
+        return current_policy(self)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -259,7 +312,7 @@ class CausalLM(nn.Module):
             total += t.numel() * t.element_size()
         return total
 
-    def _context(self, input_ids, attention_mask, position_ids, cache, dtype) -> AttentionContext:
+    def _context(self, input_ids, attention_mask, position_ids, cache, dtype, cu_seq_lens=None) -> AttentionContext:
         b, s = input_ids.shape[:2]
         past = cache.length if cache is not None else 0
         key_padding_mask = None
@@ -277,15 +330,22 @@ class CausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -s:]
             else:
                 position_ids = torch.arange(past, past + s, device=input_ids.device).expand(b, s)
-        doc_ids = doc_lengths = None
+        doc_ids = doc_lengths = layout = None
         if attention_mask is None and cache is None:
-            doc_ids = packed_document_ids(position_ids)
+            if cu_seq_lens is not None and b == 1:
+                doc_lengths = _lengths_from_cu_seq_lens(cu_seq_lens, s)
+            else:
+                doc_ids = packed_document_ids(position_ids)
         if doc_ids is not None and b == 1:
-            # One padding-free row: attend document by document (no [s, s] mask).
+            # One padding-free row: variable-length attention over its documents (no [s, s] mask).
             doc_lengths = tuple(torch.bincount(doc_ids[0] - doc_ids[0, 0]).tolist())
             doc_ids = None
+        if doc_lengths is not None and len(doc_lengths) < 2:
+            doc_lengths = None  # one document: plain causal attention
+        if doc_lengths is not None and attention_backend(input_ids.device, dtype) == "torch":
+            layout = packed_layout(doc_lengths, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
-        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, cache, self._workspace)
+        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, layout, cache, self._workspace)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -300,6 +360,7 @@ class CausalLM(nn.Module):
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
         cache=None,
+        cu_seq_lens: torch.Tensor | None = None,
         **unused,
     ) -> CausalLMOutput:
         """Run the model.
@@ -318,6 +379,10 @@ class CausalLM(nn.Module):
                 logits are returned only when no labels are given.
             logits_to_keep (int): if > 0, compute logits for the last ``logits_to_keep`` positions only.
             cache: a KV cache (used by :meth:`generate`).
+            cu_seq_lens (Tensor, optional): int ``[n_docs + 1]`` document boundaries (0, ..., s) of one
+                padding-free row (``b == 1``, no ``attention_mask``), as :class:`~engine.training.PaddingFreeCollator`
+                returns them; the boundaries are then taken from it instead of being derived from the
+                restarting ``position_ids``. Both must describe the same documents.
 
         Returns:
             CausalLMOutput with ``loss`` and ``logits``.
@@ -329,7 +394,8 @@ class CausalLM(nn.Module):
             unknown = sorted(k for k in unused if k not in ("use_cache", "return_dict", "output_attentions", "output_hidden_states"))
             if unknown:
                 raise ConfigurationError(f"forward() got unexpected arguments {unknown}")
-        x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache)
+        x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache,
+                                        cu_seq_lens)
 
         loss = logits = None
         if labels is not None:
@@ -339,11 +405,15 @@ class CausalLM(nn.Module):
             logits = self.lm_head(kept)
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache):
+    def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cu_seq_lens=None):
         """Final-norm hidden states ``[b, s, d]`` and the labels with packed-document starts masked."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigurationError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if cu_seq_lens is not None and position_ids is None and attention_mask is None and cache is None:
+            lengths = torch.tensor(_lengths_from_cu_seq_lens(cu_seq_lens, x.shape[1]))
+            starts = torch.cumsum(lengths, 0) - lengths
+            position_ids = (torch.arange(x.shape[1]) - torch.repeat_interleave(starts, lengths)).to(x.device)[None]
         total = x.shape[1] + (cache.length if cache is not None else 0)
         if total > self.max_seq_length and position_ids is not None and cache is None and attention_mask is None:
             # A padding-free row may be longer than max_seq_length; its documents (restarting positions) may not.
@@ -354,17 +424,15 @@ class CausalLM(nn.Module):
                 f"Truncate or split the input, or load the model with a larger max_seq_length "
                 f"(the model was trained with {self.args.max_position_embeddings} positions)."
             )
-        ctx = self._context(input_ids if input_ids is not None else x[..., 0], attention_mask, position_ids, cache, x.dtype)
+        ctx = self._context(
+            input_ids if input_ids is not None else x[..., 0], attention_mask, position_ids, cache, x.dtype, cu_seq_lens
+        )
         if (ctx.doc_ids is not None or ctx.doc_lengths is not None) and labels is not None:
             # The first token of each packed document must not be predicted from the previous document.
             labels = labels.masked_fill(position_ids == 0, -100)
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        offload = self.gradient_checkpointing == "smart"
-        for layer in self.model.layers:
-            if checkpointing:
-                x = checkpoint_layer(layer, x, ctx, offload=offload)
-            else:
-                x = layer(x, ctx)
+        policy = training_policy(self, x)  # None: no layer recomputed (eval, no_grad, off); resolves "auto" once
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ctx) if policy is None else policy.run_layer(i, layer, x, ctx)
         return self.model.norm(x), labels
 
     def token_log_probs(

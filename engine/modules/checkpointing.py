@@ -38,12 +38,23 @@ streams exist), which allocates and frees the same host and device buffers in th
 On CPU the offload is a no-op: the tensor already lives in host memory, so copying it would save
 nothing; ``offload=True`` is then plain checkpointing. (Tests force the copy path on CPU through the
 private ``_force_copy`` argument, which runs the same pack/restore logic without streams.)
+
+**Which layers** are checkpointed is a :class:`CheckpointPolicy`: none, every ``k``-th layer (layers ``0, k,
+2k, ...``: memory between none and all), all, or all with offload ("smart"). ``model.gradient_checkpointing``
+holds what the user asked for (``False``, ``True``, ``"smart"``, ``"every_<k>"``, ``"auto"``);
+:func:`current_policy` turns it into a policy, and :func:`training_policy` is what a training forward uses.
+``"auto"`` is resolved by the memory planner (:func:`engine.memory.planner.choose_checkpointing`) when the
+step's shape is known: by the engine trainers when training starts, or else at the first training forward
+(from that batch's shape). Which layers are recomputed never changes the loss or the gradients.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,12 +62,198 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.dispatch import is_gpu
+from kernels.errors import ConfigurationError
 
 #: One side stream per CUDA device index, for host <-> device copies of offloaded layer inputs.
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _SIDE_STREAMS_LOCK = threading.Lock()
 #: The record packed last in this thread: its successor links to it so that backward can prefetch it.
 _LAST_PACKED = threading.local()
+
+
+#: The values ``use_gradient_checkpointing`` / ``model.gradient_checkpointing`` accept, for error messages.
+CHECKPOINTING_CHOICES = (
+    "False, True, 'smart' (alias 'unsloth'), 'auto', 'none', 'all' or 'every_<k>' (k >= 2: checkpoint layers "
+    "0, k, 2k, ...; e.g. 'every_2'), or an engine.modules.checkpointing.CheckpointPolicy"
+)
+_EVERY = re.compile(r"every_(\d+)")
+_MODES = ("none", "every_k", "all", "smart")
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Which decoder layers are recomputed in backward (gradient checkpointing), and which offload their input.
+
+    Attributes:
+        mode (str): ``"none"``: no layer; ``"every_k"``: layers ``i`` with ``i % every == 0`` (``0, k, 2k, ...``),
+            so memory lies between none and all; ``"all"``: every layer; ``"smart"``: every layer, and on CUDA
+            each layer's input waits in host memory (see the module docstring; on CPU the same as ``"all"``).
+        every (int): ``k`` for ``"every_k"`` (at least 2); 1 otherwise.
+
+    ``str(policy)`` is its name: ``"none"``, ``"every_2"``, ``"all"``, ``"smart"``. Every policy gives the same
+    loss and gradients; they differ in memory and in the time spent recomputing.
+    """
+
+    mode: str = "none"
+    every: int = 1
+    _force_copy: bool = field(default=False, repr=False, compare=False)  # tests: offload copies even on CPU
+
+    def __post_init__(self):
+        if self.mode not in _MODES:
+            raise ConfigurationError(f"CheckpointPolicy mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        if self.mode == "every_k":
+            if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 2:
+                raise ConfigurationError(
+                    f"CheckpointPolicy('every_k', every=...) needs an integer every >= 2, got {self.every!r} "
+                    "(every layer is mode 'all')"
+                )
+        elif self.every != 1:
+            raise ConfigurationError(f"CheckpointPolicy every={self.every!r} applies to mode 'every_k' only")
+
+    @property
+    def name(self) -> str:
+        return f"every_{self.every}" if self.mode == "every_k" else self.mode
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def value(self):
+        """What ``model.gradient_checkpointing`` holds for this policy: ``False``, ``True``, ``"smart"``, ``"every_<k>"``."""
+        return {"none": False, "all": True, "smart": "smart"}.get(self.mode, self.name)
+
+    def checkpointed(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` is recomputed in backward."""
+        if self.mode == "every_k":
+            return layer_idx % self.every == 0
+        return self.mode != "none"
+
+    def offloads(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx``'s input is kept in host memory between forward and backward (CUDA only)."""
+        return self.mode == "smart"
+
+    def checkpointed_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The indices of the checkpointed layers of a model with ``num_layers`` decoder layers."""
+        return tuple(i for i in range(num_layers) if self.checkpointed(i))
+
+    def run_layer(self, layer_idx: int, layer: nn.Module, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """``layer(x, ctx)``, through :func:`checkpoint_layer` when this policy checkpoints ``layer_idx``."""
+        if not self.checkpointed(layer_idx):
+            return layer(x, ctx)
+        return checkpoint_layer(layer, x, ctx, offload=self.offloads(layer_idx), _force_copy=self._force_copy)
+
+    @classmethod
+    def parse(cls, value) -> CheckpointPolicy | None:
+        """The policy a ``use_gradient_checkpointing`` value names; ``None`` for ``"auto"`` (not chosen yet).
+
+        Raises:
+            ConfigurationError: a value that is none of :data:`CHECKPOINTING_CHOICES`.
+        """
+        if isinstance(value, CheckpointPolicy):
+            return value
+        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return cls("all") if value else cls("none")
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return None
+            if text in ("none", "all", "smart"):
+                return cls(text)
+            if text == "unsloth":
+                return cls("smart")
+            match = _EVERY.fullmatch(text)
+            if match and int(match.group(1)) >= 2:
+                return cls("every_k", int(match.group(1)))
+        raise ConfigurationError(f"use_gradient_checkpointing must be {CHECKPOINTING_CHOICES}; got {value!r}")
+
+
+@dataclass
+class CheckpointChoice:
+    """The checkpointing policy a model trains with, and why (what the trainer's report shows).
+
+    Attributes:
+        policy (CheckpointPolicy): the policy in use.
+        requested (str): what was asked for (``"auto"``, ``"True"``, ``"smart"``, ...).
+        reason (str): why this policy, in one sentence.
+        rows, seq_len (int or None): the step shape ``auto`` planned for (``None`` when nothing was planned).
+        budget_bytes (int or None): the memory budget the planned peaks were compared with.
+        budget_source (str): where the budget came from (``memory_budget_gb``, free CUDA memory, available RAM).
+        plans (list of dict): per policy tried, in order: ``policy``, ``planned_peak_bytes``, ``fits``.
+        planning_seconds (float): time spent planning (0 when the plans were cached or nothing was planned).
+        when (str): when it was resolved (``"trainer start"``, ``"first training forward"``, ``"set by the user"``).
+    """
+
+    policy: CheckpointPolicy
+    requested: str
+    reason: str
+    rows: int | None = None
+    seq_len: int | None = None
+    budget_bytes: int | None = None
+    budget_source: str = ""
+    plans: list = field(default_factory=list)
+    planning_seconds: float = 0.0
+    when: str = "set by the user"
+
+    def as_dict(self) -> dict:
+        """JSON-ready: the policy as its name."""
+        return {
+            "policy": self.policy.name,
+            "requested": self.requested,
+            "reason": self.reason,
+            "rows": self.rows,
+            "seq_len": self.seq_len,
+            "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source,
+            "plans": [dict(p) for p in self.plans],
+            "planning_seconds": round(self.planning_seconds, 4),
+            "when": self.when,
+        }
+
+    def summary(self) -> str:
+        """One line: ``gradient checkpointing: every_4 (auto: ...)``."""
+        return f"gradient checkpointing: {self.policy.name} ({self.reason})"
+
+
+#: ``resolve(model, rows, seq_len, when) -> CheckpointChoice`` for ``"auto"``; registered by :mod:`engine.loader`
+#: (the memory planner lives above this layer).
+_AUTO_RESOLVER: Callable | None = None
+
+
+def register_auto_resolver(resolve: Callable) -> None:
+    """Install the function that resolves ``"auto"`` (called once, by :mod:`engine.loader`)."""
+    global _AUTO_RESOLVER
+    _AUTO_RESOLVER = resolve
+
+
+def current_policy(model) -> CheckpointPolicy | None:
+    """The policy ``model.gradient_checkpointing`` stands for; ``None`` while ``"auto"`` is not resolved yet."""
+    policy = CheckpointPolicy.parse(model.gradient_checkpointing)
+    if policy is None:
+        choice = model.__dict__.get("_auto_checkpoint_choice")
+        return choice.policy if choice is not None else None
+    return policy
+
+
+def training_policy(model, x: torch.Tensor) -> CheckpointPolicy | None:
+    """The policy of this forward of ``model`` on hidden states ``x [b, s, d]``: ``None`` when no layer is
+    checkpointed (evaluation, ``torch.no_grad``, or checkpointing off).
+
+    ``"auto"`` that no trainer resolved is resolved here, at the first training forward, for this batch's
+    shape ``b x s`` (the planner picks the fastest policy whose planned peak fits the memory budget); the choice
+    is kept for later forwards and printed once.
+    """
+    if not (model.training and torch.is_grad_enabled()):
+        return None
+    policy = current_policy(model)
+    if policy is None:
+        if _AUTO_RESOLVER is None:
+            raise ConfigurationError(
+                "use_gradient_checkpointing='auto' needs the memory planner; import engine (engine.loader) first, "
+                "or set a policy such as True"
+            )
+        choice = _AUTO_RESOLVER(model, rows=x.shape[0], seq_len=x.shape[1], when="first training forward")
+        policy = choice.policy
+    return None if policy.mode == "none" else policy
 
 
 def checkpoint_layer(

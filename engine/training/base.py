@@ -6,6 +6,9 @@
 * It counts the trained (non-padding) tokens of every micro-batch and installs
   :class:`~engine.training.reporting.TrainingReport`, so each run ends with a time/memory
   summary table and ``training_report.json`` next to the checkpoints.
+* When training starts it resolves ``use_gradient_checkpointing="auto"`` (the default of
+  ``FastModel.get_peft_model``) for the largest step its config allows (:meth:`EngineTrainer.step_shape`),
+  prints the chosen policy in one line and puts the choice in the report.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 import transformers
 
 from engine.errors import CheckpointError, ConfigurationError
+from engine.loader import FastModel
 from engine.models.transformer import CausalLM
+from engine.modules.checkpointing import CheckpointChoice, current_policy
 from engine.peft import lora_modules
 from engine.training.reporting import ReportSummary, TrainingReport
 
@@ -84,6 +89,53 @@ class EngineTrainer(transformers.Trainer):
             callbacks=[*(callbacks or []), self.report],
             **kwargs,
         )
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def step_shape(self) -> tuple[int, int]:
+        """``(rows, tokens per row)`` of the largest batch one training step gets, which ``"auto"`` plans for.
+
+        Here: ``per_device_train_batch_size`` rows of ``max_length`` tokens (the model's ``max_seq_length`` when
+        ``max_length`` is ``None``); the trainers refine it for their collators (one padding-free row; DPO's
+        chosen and rejected sequences).
+        """
+        length = getattr(self.args, "max_length", None) or self.model.max_seq_length
+        return self.args.per_device_train_batch_size, length
+
+    def train(self, *args, **kwargs):
+        """:meth:`transformers.Trainer.train`, after choosing the gradient checkpointing policy.
+
+        With ``use_gradient_checkpointing="auto"`` the memory planner picks the fastest policy whose planned step
+        of :meth:`step_shape` fits the memory budget (see ``FastModel.resolve_gradient_checkpointing``). The
+        choice is printed in one line and recorded in the report (``training_report.json``, ``checkpointing``).
+        ``gradient_checkpointing=True`` in the config checkpoints every layer (``"smart"`` stays smart).
+        """
+        self._choose_checkpointing()
+        return super().train(*args, **kwargs)
+
+    def _choose_checkpointing(self) -> CheckpointChoice:
+        model = self.model
+        requested = model.gradient_checkpointing
+        args = self.args
+        on = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+        if on:  # the Trainer turns it on later; do it now, so that the report says so
+            kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+            model.gradient_checkpointing_enable(
+                every_n_layers=kwargs.pop("every_n_layers", 1), offload=kwargs.pop("offload", False)
+            )
+            choice = CheckpointChoice(
+                current_policy(model), str(requested),
+                f"gradient_checkpointing=True in the trainer's config (use_gradient_checkpointing was {requested!r})",
+            )
+        else:
+            rows, seq_len = self.step_shape()
+            optim = getattr(self.args.optim, "value", self.args.optim)
+            choice = FastModel.resolve_gradient_checkpointing(
+                model, rows, seq_len, optimizer=str(optim), when="trainer start", verbose=False
+            )
+        self.report.checkpointing = choice.as_dict()
+        if self.is_world_process_zero():
+            print(f"engine: {choice.summary()}")
+        return choice
 
     @property
     def training_summary(self) -> ReportSummary | None:

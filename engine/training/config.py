@@ -34,8 +34,9 @@ class SFTConfig(TrainingArguments):
     Differences from TRL's ``SFTConfig``: ``packing`` defaults to ``True`` (padding-free
     best-fit-decreasing packing; attention never crosses documents, so the loss is exact),
     and ``long_examples`` chooses how over-long examples are handled. Gradient checkpointing
-    is chosen when adding LoRA (``FastModel.get_peft_model(use_gradient_checkpointing=...)``);
-    ``gradient_checkpointing=True`` here turns plain checkpointing on as well.
+    is chosen when adding LoRA (``FastModel.get_peft_model(use_gradient_checkpointing=...)``); its
+    default ``"auto"`` is resolved when training starts, for ``per_device_train_batch_size x max_length``
+    tokens per step. ``gradient_checkpointing=True`` here checkpoints every layer instead.
     """
 
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate (LoRA-typical; TRL: 2e-5)."})

@@ -131,6 +131,14 @@ class DPOTrainer(EngineTrainer):
         model.train(was_training)
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
+    def step_shape(self) -> tuple[int, int]:
+        """Chosen and rejected sequences share the forward: ``2 x batch`` rows of up to ``max_length`` tokens, or
+        with ``padding_free`` one row of up to ``2 x batch x max_length``."""
+        rows, length = super().step_shape()
+        if getattr(self.data_collator, "padding_free", False):
+            return 1, 2 * rows * length
+        return 2 * rows, length
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         split = "train" if model.training else "eval"
         if "ref_chosen_logps" in inputs:

@@ -16,6 +16,9 @@ How memory is measured:
   Where ``clear_refs`` is unavailable, the high-water mark since process start is reported
   and ``memory_method`` says so.
 
+Gradient checkpointing: the trainer records which policy it trains with and why (for ``"auto"``: the
+planned peak of each policy tried and the memory budget), as ``checkpointing`` in the summary.
+
 Step times: on CUDA, CUDA events recorded at the start and end of each optimizer step (the end
 event is waited for, so asynchronous kernels count in the step that launched them); on CPU,
 ``time.perf_counter`` around the step. ``benchmarks/run.py`` leaves out warm-up steps.
@@ -106,6 +109,7 @@ class ReportSummary:
     world_size: int
     memory: dict
     step_records: list = field(default_factory=list)
+    checkpointing: dict = field(default_factory=dict)
 
     def table(self) -> str:
         """A small aligned text table of the headline numbers."""
@@ -122,6 +126,8 @@ class ReportSummary:
             rows.append(("  reserved", f"{mem['peak_reserved_bytes'] / MIB:,.1f} MiB"))
         if self.final_loss is not None:
             rows.append(("final loss", f"{self.final_loss:.4f}"))
+        if self.checkpointing:
+            rows.append(("checkpointing", checkpointing_text(self.checkpointing)))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         rule = "-" * max(len(line) for line in lines)
@@ -132,6 +138,20 @@ class ReportSummary:
             f"peak memory {self.memory['peak_memory_bytes'] / 1e9:.2f} GB, {self.tokens_per_second:,.0f} tok/s, "
             f"{self.total_seconds:.0f} s"
         )
+
+
+def checkpointing_text(choice: dict) -> str:
+    """The report's checkpointing row: the policy, and for ``"auto"`` the planned peaks against the budget."""
+    if choice.get("requested") != "auto" or not choice.get("plans"):
+        return f"{choice['policy']} ({choice.get('reason', '')})"
+    peaks = ", ".join(
+        f"{p['policy']} {p['planned_peak_bytes'] / 2**30:.2f} GiB{'' if p['fits'] else ' (too much)'}"
+        for p in choice["plans"]
+    )
+    return (
+        f"{choice['policy']} (auto for {choice['rows']} x {choice['seq_len']:,} tokens: planned peak {peaks}; "
+        f"budget {choice['budget_bytes'] / 2**30:.2f} GiB)"
+    )
 
 
 class TrainingReport(TrainerCallback):
@@ -151,6 +171,8 @@ class TrainingReport(TrainerCallback):
         self._step_start = 0.0
         self._events: tuple | None = None
         self._losses: dict[int, float] = {}
+        #: Set by the trainer when training starts: :meth:`CheckpointChoice.as_dict` of the policy in use.
+        self.checkpointing: dict = {}
 
     def add_tokens(self, n: int) -> None:
         self._pending_tokens += int(n)
@@ -202,6 +224,7 @@ class TrainingReport(TrainerCallback):
             world_size=world_size,
             memory=memory,
             step_records=[asdict(r) for r in self.records],
+            checkpointing=dict(self.checkpointing),
         )
         if state.is_world_process_zero:
             if args.output_dir:
