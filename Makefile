@@ -13,7 +13,7 @@ LLAMA_CPP := llama-cpp-python==$(LLAMA_CPP_VERSION)
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
 LLAMA_CPP_WHEELS := $(HOME)/.cache/engine-wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-avx2
 
-.PHONY: setup bench demo test test-fast audit clean
+.PHONY: setup bench demo test test-fast audit gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test-fast: setup
 # Compile every Triton kernel for sm_80/86/89/90 and fail on register spills (no GPU needed).
 audit: setup
 	env -u TRITON_INTERPRET $(PY) -m kernels.audit
+
+# On a CUDA GPU, one command (< 5 min): every Triton kernel vs its reference, training throughput (MFU) and memory,
+# planned vs measured long-context peak, smart checkpointing; writes benchmarks/results/gpu-check.json as it goes.
+# On a bare GPU machine without this .venv: PYTHONPATH=. python benchmarks/gpu_check.py
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
