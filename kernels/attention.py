@@ -165,17 +165,19 @@ def attention(
 class PackedLayout:
     """How the documents of one padding-free row are gathered into padded batches (see the module docstring).
 
+    The batches' slots are laid out one after the other, document-major (``n_docs * length`` slots per batch).
+
     Attributes:
         lengths: the documents' lengths in row order (they sum to ``s``).
-        groups: per batch ``(index, n_docs, length)``: ``index`` int64 ``[n_docs * length]`` picks, for each slot
-            of the batch laid out document-major, its token's row in ``[s + 1]`` token rows (row ``s`` is a zero
-            row standing for padding).
-        unpad: int64 ``[s]``: for token ``t`` of the row, its slot in the concatenation of the batches' slots.
+        groups: per batch ``(n_docs, length)``.
+        slot_token: int64 ``[n_slots]``: the token row each slot holds, ``s`` for a padding slot.
+        token_slot: int64 ``[s]``: the slot of each token (the inverse of ``slot_token``).
     """
 
     lengths: tuple[int, ...]
-    groups: tuple[tuple[torch.Tensor, int, int], ...]
-    unpad: torch.Tensor
+    groups: tuple[tuple[int, int], ...]
+    slot_token: torch.Tensor
+    token_slot: torch.Tensor
 
 
 #: A padded batch holds documents at least this fraction of its longest one (padding at most doubles a document).
@@ -184,7 +186,7 @@ PACK_GROUP_RATIO = 0.5
 
 def packed_layout(lengths, device: torch.device | str = "cpu") -> PackedLayout:
     """Group the documents of a row by length (longest first; a group keeps documents longer than
-    :data:`PACK_GROUP_RATIO` of its longest) and build the gather/scatter indices. Build it once per forward."""
+    :data:`PACK_GROUP_RATIO` of its longest) and build the gather indices. Build it once per forward."""
     lengths = tuple(int(n) for n in lengths)
     s = sum(lengths)
     starts = [0]
@@ -197,18 +199,39 @@ def packed_layout(lengths, device: torch.device | str = "cpu") -> PackedLayout:
             groups[-1].append(i)
         else:
             groups.append([i])
-    unpad = torch.empty(s, dtype=torch.long)
-    built, offset = [], 0
+    token_slot = torch.empty(s, dtype=torch.long)
+    slot_token, shapes, offset = [], [], 0
     for members in groups:
         width = lengths[members[0]]
         index = torch.full((len(members), width), s, dtype=torch.long)
         for row, i in enumerate(members):
             n, start = lengths[i], starts[i]
             index[row, :n] = torch.arange(start, start + n)
-            unpad[start : start + n] = offset + row * width + torch.arange(n)
-        built.append((index.reshape(-1).to(device), len(members), width))
+            token_slot[start : start + n] = offset + row * width + torch.arange(n)
+        slot_token.append(index.reshape(-1))
+        shapes.append((len(members), width))
         offset += len(members) * width
-    return PackedLayout(lengths, tuple(built), unpad.to(device))
+    return PackedLayout(lengths, tuple(shapes), torch.cat(slot_token).to(device), token_slot.to(device))
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x [n, ...]`` plus a zero row ``n`` at the end, rows picked by ``index``."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
+
+
+class _Regroup(torch.autograd.Function):
+    """Rows of ``x`` rearranged by a one-to-one index (plus zero padding rows), whose backward is the inverse
+    gather: no scatter-add, because every row lands in exactly one place."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return _gather_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _gather_rows(grad, inverse), None, None
 
 
 def _packed_sdpa_attention(q, k, v, layout: PackedLayout, scale, sliding_window):
@@ -216,18 +239,15 @@ def _packed_sdpa_attention(q, k, v, layout: PackedLayout, scale, sliding_window)
     _, hq, s, d = q.shape
     rep = hq // k.shape[1]
 
-    def token_rows(t):  # [1, h, s, d] -> [s + 1, h, d] (one zero row for padding slots)
-        rows = t[0].transpose(0, 1)
-        return torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+    def to_slots(t):  # [1, h, s, d] -> [n_slots, h, d]; padding slots are zero
+        return _Regroup.apply(t[0].transpose(0, 1), layout.slot_token, layout.token_slot)
 
-    qt, kt, vt = token_rows(q), token_rows(k), token_rows(v)
-    outputs = []
-    for index, n_docs, width in layout.groups:
-
-        def batch(t):  # [n_docs, h, width, d]
-            return t.index_select(0, index).view(n_docs, width, t.shape[1], d).transpose(1, 2)
-
-        qb, kb, vb = batch(qt), batch(kt), batch(vt)
+    qs, ks, vs = to_slots(q), to_slots(k), to_slots(v)
+    outputs, offset = [], 0
+    for n_docs, width in layout.groups:
+        part = slice(offset, offset + n_docs * width)
+        offset += n_docs * width
+        qb, kb, vb = (t[part].view(n_docs, width, t.shape[1], d).transpose(1, 2) for t in (qs, ks, vs))
         if rep > 1:  # CPU SDPA runs its fused kernel only for equal head counts
             kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
         mask = None
@@ -235,7 +255,8 @@ def _packed_sdpa_attention(q, k, v, layout: PackedLayout, scale, sliding_window)
             mask = build_attention_mask(width, width, sliding_window=sliding_window, device=q.device)[0, 0]
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale)
         outputs.append(out.transpose(1, 2).reshape(n_docs * width, hq, d))
-    out = torch.cat(outputs).index_select(0, layout.unpad)  # [s, h, d]
+    slots = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    out = _Regroup.apply(slots, layout.token_slot, layout.slot_token)  # [s, h, d]
     return out.transpose(0, 1).unsqueeze(0)
 
 

@@ -235,12 +235,13 @@ def test_packed_layout_groups_documents_of_similar_length():
     lengths = (100, 3, 60, 40, 1, 45, 51, 2)
     layout = packed_layout(lengths)
     # Longest first; a batch keeps documents longer than half its longest one.
-    assert [(n_docs, width) for _, n_docs, width in layout.groups] == [(3, 100), (2, 45), (2, 3), (1, 1)]
-    # Every token appears exactly once among the batches' slots, and unpad finds it again.
-    slots = torch.cat([index for index, _, _ in layout.groups])
-    assert torch.equal(slots[layout.unpad], torch.arange(sum(lengths)))
+    assert list(layout.groups) == [(3, 100), (2, 45), (2, 3), (1, 1)]
+    # Every token sits in exactly one slot, and token_slot finds it again.
+    slots = layout.slot_token
+    assert slots.numel() == sum(n_docs * width for n_docs, width in layout.groups)
+    assert torch.equal(slots[layout.token_slot], torch.arange(sum(lengths)))
     assert int((slots == sum(lengths)).sum()) == slots.numel() - sum(lengths)  # the rest is padding
-    padded = sum(n_docs * width * width for _, n_docs, width in layout.groups)
+    padded = sum(n_docs * width * width for n_docs, width in layout.groups)
     assert padded <= 4 * sum(n * n for n in lengths)
 
 
