@@ -18,13 +18,20 @@ The PyTorch path calls ``scaled_dot_product_attention`` (flash/efficient kernels
 where available, fused backward). It takes the plain causal fast path when
 nothing but causality applies. A padding-free row of packed documents given by
 ``doc_lengths`` is variable-length attention: no attention crosses a document and
-no ``[s, s]`` mask is built. On the PyTorch path the documents are gathered into a
-few padded batches ``[n_docs, h, L, d]`` of similar lengths (:class:`PackedLayout`,
-built once per forward and shared by every layer) and each batch is ONE causal SDPA
-call: a handful of calls per layer instead of one per document, and a cost of about
-``sum_d n_d^2`` (each batch pads its documents to at most twice their length), not
-``(sum_d n_d)^2``. Padding slots sit after each document's last token, so causality
-alone keeps real queries off them; their outputs are dropped.
+no ``[s, s]`` mask is built, and the cost is about ``sum_d n_d^2``, not ``(sum_d n_d)^2``:
+
+* on CPU, one causal SDPA call per document (SDPA's math kernel up to
+  :data:`CPU_MATH_MAX_KEYS` keys, its flash kernel beyond). Measured on the benchmark's
+  documents (8 of 45-142 tokens, 9 query / 3 key-value heads of 64, bf16, forward +
+  backward, 2 cores): 23 ms per layer, against 51 ms for the padded batches below run
+  through SDPA's CPU flash kernel and 42 ms through its math kernel: short documents are
+  cheap one by one on a CPU, and the CPU flash kernel is slow in bf16;
+* elsewhere (CUDA without Triton), the documents are gathered into a few padded batches
+  ``[n_docs, h, L, d]`` of similar lengths (:class:`PackedLayout`, built once per forward
+  and shared by every layer) and each batch is ONE causal SDPA call: a handful of kernel
+  launches per layer instead of one per document (each batch pads its documents to at
+  most twice their length). Padding slots sit after each document's last token, so
+  causality alone keeps real queries off them; their outputs are dropped.
 """
 
 from __future__ import annotations
@@ -152,6 +159,8 @@ def attention(
             raise ValueError("doc_lengths needs one row (b == 1) of packed documents without cache or padding")
         if sum(doc_lengths) != q_len:
             raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, the row has {q_len} tokens")
+        if q.device.type == "cpu":
+            return _per_document_attention(q, k, v, doc_lengths, scale, sliding_window)
         if layout is None or layout.lengths != tuple(doc_lengths):
             layout = packed_layout(doc_lengths, q.device)
         return _packed_sdpa_attention(q, k, v, layout, scale, sliding_window)
@@ -232,6 +241,16 @@ class _Regroup(torch.autograd.Function):
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
         return _gather_rows(grad, inverse), None, None
+
+
+def _per_document_attention(q, k, v, lengths, scale, sliding_window):
+    """``[1, h, s, d]`` packed documents attended one causal SDPA call each (the CPU choice; module docstring)."""
+    outputs, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        outputs.append(_sdpa_attention(q[:, :, part], k[:, :, part], v[:, :, part], scale, 0, None, None, sliding_window))
+        start += n
+    return torch.cat(outputs, dim=2)
 
 
 def _packed_sdpa_attention(q, k, v, layout: PackedLayout, scale, sliding_window):

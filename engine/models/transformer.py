@@ -46,7 +46,7 @@ class AttentionContext:
         key_padding_mask: bool ``[b, s_kv]`` or ``None``.
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
         doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
-        layout: for that row on the PyTorch attention path, how its documents are batched
+        layout: for that row on the PyTorch attention path off CPU, how its documents are batched
             (:func:`kernels.attention.packed_layout`), built once here and shared by every layer.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
         workspace: the model's buffer that NF4 base weights are dequantized into (one at a time).
@@ -342,7 +342,8 @@ class CausalLM(nn.Module):
             doc_ids = None
         if doc_lengths is not None and len(doc_lengths) < 2:
             doc_lengths = None  # one document: plain causal attention
-        if doc_lengths is not None and attention_backend(input_ids.device, dtype) == "torch":
+        off_cpu_torch = input_ids.device.type != "cpu" and attention_backend(input_ids.device, dtype) == "torch"
+        if doc_lengths is not None and off_cpu_torch:
             layout = packed_layout(doc_lengths, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
         return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, layout, cache, self._workspace)

@@ -24,6 +24,7 @@ from engine.loader import FastModel
 from engine.models.transformer import CausalLM
 from engine.modules.checkpointing import CheckpointChoice, current_policy
 from engine.peft import lora_modules
+from engine.runtime import flush_denormals
 from engine.training.reporting import ReportSummary, TrainingReport
 
 
@@ -108,9 +109,12 @@ class EngineTrainer(transformers.Trainer):
         of :meth:`step_shape` fits the memory budget (see ``FastModel.resolve_gradient_checkpointing``). The
         choice is printed in one line and recorded in the report (``training_report.json``, ``checkpointing``).
         ``gradient_checkpointing=True`` in the config checkpoints every layer (``"smart"`` stays smart).
+        On CPU, training runs with denormal floats flushed to zero (``args.flush_denormals``, on by default; see
+        :mod:`engine.runtime`); the previous setting is restored when training ends.
         """
         self._choose_checkpointing()
-        return super().train(*args, **kwargs)
+        with flush_denormals(enabled=self.model.device.type == "cpu" and self.args.flush_denormals):
+            return super().train(*args, **kwargs)
 
     def _choose_checkpointing(self) -> CheckpointChoice:
         model = self.model

@@ -28,7 +28,17 @@ def _engine_defaults(cfg: TrainingArguments) -> None:
 
 
 @dataclass
-class SFTConfig(TrainingArguments):
+class EngineTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus what every engine trainer adds (the base of :class:`SFTConfig` and :class:`DPOConfig`)."""
+
+    flush_denormals: bool = field(
+        default=True,
+        metadata={"help": "On CPU, flush denormal floats to zero while training (engine.runtime; often 10x faster)."},
+    )
+
+
+@dataclass
+class SFTConfig(EngineTrainingArguments):
     """Arguments of :class:`engine.SFTTrainer` (``TrainingArguments`` plus the fields below).
 
     Differences from TRL's ``SFTConfig``: ``packing`` defaults to ``True`` (padding-free
@@ -88,7 +98,7 @@ class SFTConfig(TrainingArguments):
 
 
 @dataclass
-class DPOConfig(TrainingArguments):
+class DPOConfig(EngineTrainingArguments):
     """Arguments of :class:`engine.DPOTrainer` (``TrainingArguments`` plus TRL's DPO fields below).
 
     The reference policy is the model with its LoRA adapters disabled (no second copy of the
