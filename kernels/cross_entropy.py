@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
+from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
 #: Target number of fp32 logits per chunk (64 MiB): big enough for efficient matmuls, small next to a model.
@@ -75,6 +76,7 @@ def _denominator(labels, ignore_index, reduction, num_items_in_batch):
     return (labels != ignore_index).sum().float()
 
 
+@cpu_fused
 def _torch_rows(z, labels, denom, softcap, want_grad):
     """PyTorch rows kernel: per-row loss of a chunk's logits, and their gradient.
 

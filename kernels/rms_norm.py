@@ -37,6 +37,7 @@ from kernels._triton import (
     next_power_of_2,
     tl,
 )
+from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
 
@@ -47,27 +48,41 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
+@cpu_fused
+def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, rstd)``: the forward of :class:`RMSNormFunction` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+@cpu_fused
+def _rms_backward_dx(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    xhat = x.float() * rstd
+    g = dy.float() * weight.float()
+    return (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@cpu_fused
+def _rms_backward_dw(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    xhat = x.float() * rstd
+    return (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).float().sum(0).to(weight.dtype)
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Autograd Function for RMSNorm; see the module docstring for the math."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * (xf * rstd).to(x.dtype)
+        y, rstd = _rms_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            g = dy.float() * weight.float()
-            dx = (rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = (dy * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).float().sum(0).to(weight.dtype)
+        dx = _rms_backward_dx(dy, x, weight, rstd) if ctx.needs_input_grad[0] else None
+        dw = _rms_backward_dw(dy, x, weight, rstd) if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 

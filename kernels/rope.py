@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
+from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
 
@@ -50,14 +51,26 @@ class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq_in = dq * cos + _rotate_half_transposed(dq * sin) if dq is not None else None
-        dk_in = dk * cos + _rotate_half_transposed(dk * sin) if dk is not None else None
+        dq_in = _unrotate(dq, cos, sin) if dq is not None else None
+        dk_in = _unrotate(dk, cos, sin) if dk is not None else None
         return dq_in, dk_in, None, None
+
+
+@cpu_fused
+def _rotate(x, cos, sin):
+    """``x * cos + rotate_half(x) * sin`` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@cpu_fused
+def _unrotate(dy, cos, sin):
+    """The inverse rotation (RoPE's backward)."""
+    return dy * cos + _rotate_half_transposed(dy * sin)
 
 
 # --------------------------------------------------------------------------- Triton

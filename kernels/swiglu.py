@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, tl
+from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
 
@@ -39,7 +40,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _swiglu_forward(gate, up)
 
     @staticmethod
     def backward(ctx, dh):
@@ -47,6 +48,13 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_backward_torch(dh, gate, up)
 
 
+@cpu_fused
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    return F.silu(gate) * up
+
+
+@cpu_fused
 def swiglu_backward_torch(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dgate, dup)`` of ``h = silu(gate) * up`` in PyTorch (fp32 inside), ``silu`` recomputed."""
     g = gate.float()

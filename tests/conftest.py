@@ -11,6 +11,9 @@ import torch
 # imported (its @triton.jit decorators read it). With a GPU, the compiled kernels run on CUDA tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# CPU elementwise ops run eagerly in the suite (every parametrized dtype and shape would compile anew);
+# tests/kernels/test_cpu_fusion.py turns compiling on and checks it against the eager ops and transformers.
+os.environ.setdefault("ENGINE_CPU_COMPILE", "0")
 
 import pytest
 import transformers
