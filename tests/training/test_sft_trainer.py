@@ -158,3 +158,27 @@ def test_bad_config_values(tmp_path):
         SFTConfig(output_dir=str(tmp_path), long_examples="drop")
     with pytest.raises(ConfigurationError):
         SFTConfig(output_dir=str(tmp_path), packing=True, max_length=None)
+
+
+def test_cpu_training_flushes_denormals_and_restores_the_setting(tiny_chat_folder, tmp_path):
+    from transformers import TrainerCallback
+
+    from engine.runtime import denormals_flushed, flush_denormals
+
+    assert not denormals_flushed()
+    with flush_denormals() as supported:
+        assert supported and denormals_flushed()
+    assert not denormals_flushed()
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen.append(denormals_flushed())
+
+    for flush in (True, False):
+        model, tok = _model(tiny_chat_folder)
+        args = _args(tmp_path / str(flush), max_steps=2, flush_denormals=flush)
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args, callbacks=[Probe()]).train()
+        assert seen[-2:] == [flush, flush]
+        assert not denormals_flushed()  # restored after training
