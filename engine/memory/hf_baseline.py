@@ -3,7 +3,10 @@
 The model is transformers' own ``AutoModelForCausalLM`` built from the config, with PEFT's LoRA on
 the same projections, set up as ``trl.SFTTrainer`` trains a QLoRA model: bf16 base, LoRA weights
 cast to bf16 (TRL does this for 4-bit bases), transformers' gradient checkpointing (non-reentrant),
-transformers' loss (full ``[tokens, vocab]`` logits, upcast to fp32). All of that code runs for real
+transformers' loss (full ``[tokens, vocab]`` logits, upcast to fp32). That loss is the one a plain
+transformers + PEFT loop computes; TRL 1.16's ``SFTTrainer`` replaces it with its own fused LM head
+(log-probs in tiles of up to 4,096 positions x 32,768 vocabulary entries; see docs/benchmarks.md), so for a
+TRL run this part of the plan is an upper bound. All of that code runs for real
 on fake tensors. Two pieces cannot, because they are CUDA extensions; they are replaced by stand-ins
 that allocate and save exactly what the originals do:
 
