@@ -32,7 +32,7 @@ setup: $(VENV)/.installed
 
 bench: setup
 	$(PY) benchmarks/run.py
-	$(PY) benchmarks/run.py --packing --batch-size 2 --max-steps 12 --sides engine,engine-lean,hf-padding-free,hf-padding-free-no-ckpt
+	$(PY) benchmarks/run.py --packing --batch-size 2 --max-steps 8 --sides engine,engine-lean,hf-padding-free,hf-padding-free-no-ckpt
 
 demo: setup
 	$(PY) -m engine.demo

@@ -56,8 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="results file stem (default: derived from the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true", help="skip the one-step profile of each side")
-    p.add_argument("--hf-keep-denormals", action="store_true",
-                   help="CPU: run the HF sides without flushing denormals (the engine flushes them by default)")
     p.add_argument("--results-dir", default=str(RESULTS), help="where the JSON, markdown and PNG go")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     p.add_argument("--side-output", default=None, help=argparse.SUPPRESS)
@@ -111,7 +109,6 @@ def bench_config(args):
         seed=args.seed,
         packing=args.packing,
         profile_step=None if args.no_profile else min(1, args.max_steps - 1),
-        hf_flush_denormals=not args.hf_keep_denormals,
     )
 
 

@@ -16,9 +16,8 @@ and a profile of one step.
 | ``hf-padding-free-no-ckpt`` | the same without gradient checkpointing |
 | ``hf-liger`` | CUDA only: ``hf-padding-free`` plus ``use_liger_kernel=True`` (when liger-kernel is installed) |
 
-On CPU every side runs with denormal floats flushed to zero (``torch.set_flush_denormal(True)``): the engine's
-trainers do it by default (:mod:`engine.runtime`), and the HF sides get it from this harness, since on some CPUs
-training without it is many times slower on every side (``--hf-keep-denormals`` runs the HF sides as TRL leaves it).
+Every side runs with its library's process settings: neither side flushes denormals (the engine's
+``flush_denormals`` is opt-in; ``benchmarks/cpu_levers.py`` measures it).
 
 Without ``--packing`` every side sees *the same examples in every step* (the Trainer's seeded sampler
 orders both the same way), so the loss curves are directly comparable. With ``--packing`` both sides pack
@@ -56,7 +55,6 @@ class BenchConfig:
     packing: bool = False
     rows: int = 2000
     profile_step: int | None = 1  # 0-based optimizer step to profile (None: none)
-    hf_flush_denormals: bool = True  # CPU: HF sides flush denormals too (as the engine's trainer does by default)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -375,13 +373,9 @@ def run_hf(cfg: BenchConfig, output_dir: Path, *, padding_free: bool, gradient_c
         peft_config=peft_config,
         report=report,
     )
-    from engine.runtime import flush_denormals
-
-    with flush_denormals(enabled=cfg.device == "cpu" and cfg.hf_flush_denormals):
-        trainer.train()
+    trainer.train()
     n_layers = model.config.num_hidden_layers
-    extra = {"gradient_checkpointing": str(gradient_checkpointing), "trl_config": {k: str(v) for k, v in kwargs.items()},
-             "flush_denormals": cfg.device == "cpu" and cfg.hf_flush_denormals}
+    extra = {"gradient_checkpointing": str(gradient_checkpointing), "trl_config": {k: str(v) for k, v in kwargs.items()}}
     return _finish(report, documents, profiler, n_layers if gradient_checkpointing else 0, extra)
 
 

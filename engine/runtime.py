@@ -1,17 +1,17 @@
-"""Process settings CPU training gets by default: denormal numbers flushed to zero.
+"""An opt-in process setting for CPU training: denormal numbers flushed to zero.
 
 On x86 CPUs an arithmetic instruction that reads or produces a *denormal* float (magnitude below
-``1.18e-38`` in fp32 and bf16) takes a slow microcode path, often 10-100x slower than normal. Training
-produces such values (tiny gradients, their squares in AdamW's second moment, the tails of activations),
-and on some CPUs every op touching them slows down: on this project's Intel Xeon (AMX) development
-machine, LoRA on SmolLM2-135M in bf16 ran at 15-37 trained tokens/s with denormals and 183 with them
-flushed (see docs/benchmarks.md). Flushing (FTZ/DAZ, ``torch.set_flush_denormal(True)``) treats them
-as zero: a result changes only where a value below ``1.18e-38`` would otherwise have survived, which
-no loss or update of a model can notice.
+``1.18e-38`` in fp32 and bf16) can take a slow microcode path. Training produces such values (tiny
+gradients, their squares in AdamW's second moment, the tails of activations). Flushing (FTZ/DAZ,
+``torch.set_flush_denormal(True)``) treats them as zero: a result changes only where a value below
+``1.18e-38`` would otherwise have survived.
 
-The engine's trainers turn it on for the duration of :meth:`~engine.training.base.EngineTrainer.train`
-on CPU and restore the previous setting afterwards. A hand-written training loop can use
-:func:`flush_denormals` the same way.
+It is off by default: on this project's Intel Xeon (AMX) machine, A/B runs of the same LoRA training
+(SmolLM2-135M, bf16, fresh processes) measured no gain (``python benchmarks/cpu_levers.py``; see
+docs/benchmarks.md), and a setting that changes results without a measured gain should not be a default.
+``SFTConfig(flush_denormals=True)`` / ``DPOConfig(flush_denormals=True)`` turn it on for the duration of
+:meth:`~engine.training.base.EngineTrainer.train` on CPU (the previous setting is restored afterwards);
+a hand-written loop can use :func:`flush_denormals` the same way.
 """
 
 from __future__ import annotations

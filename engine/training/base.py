@@ -109,8 +109,8 @@ class EngineTrainer(transformers.Trainer):
         of :meth:`step_shape` fits the memory budget (see ``FastModel.resolve_gradient_checkpointing``). The
         choice is printed in one line and recorded in the report (``training_report.json``, ``checkpointing``).
         ``gradient_checkpointing=True`` in the config checkpoints every layer (``"smart"`` stays smart).
-        On CPU, training runs with denormal floats flushed to zero (``args.flush_denormals``, on by default; see
-        :mod:`engine.runtime`); the previous setting is restored when training ends.
+        With ``args.flush_denormals`` (off by default; see :mod:`engine.runtime`), CPU training runs with denormal
+        floats flushed to zero; the previous setting is restored when training ends.
         """
         self._choose_checkpointing()
         with flush_denormals(enabled=self.model.device.type == "cpu" and self.args.flush_denormals):

@@ -160,11 +160,12 @@ def test_bad_config_values(tmp_path):
         SFTConfig(output_dir=str(tmp_path), packing=True, max_length=None)
 
 
-def test_cpu_training_flushes_denormals_and_restores_the_setting(tiny_chat_folder, tmp_path):
+def test_cpu_training_flushes_denormals_on_request_and_restores_the_setting(tiny_chat_folder, tmp_path):
     from transformers import TrainerCallback
 
     from engine.runtime import denormals_flushed, flush_denormals
 
+    assert SFTConfig(output_dir=str(tmp_path)).flush_denormals is False  # opt-in: no measured gain
     assert not denormals_flushed()
     with flush_denormals() as supported:
         assert supported and denormals_flushed()
