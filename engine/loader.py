@@ -23,7 +23,7 @@ from engine.models.config import model_args_from_hf_config
 from engine.models.transformer import CausalLM
 from engine.modules import checkpointing
 from engine.modules.checkpointing import CheckpointChoice, CheckpointPolicy
-from engine.peft import LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
+from engine.peft import LORA_TARGETS, LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
 
 _DTYPES = {
     "float32": torch.float32,
@@ -226,7 +226,7 @@ class FastModel:
         r: int = 16,
         lora_alpha: float = 16,
         lora_dropout: float = 0.0,
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        target_modules=LORA_TARGETS,
         use_rslora: bool = False,
         use_gradient_checkpointing: bool | str | CheckpointPolicy = "auto",
         random_state: int = 3407,
@@ -284,7 +284,7 @@ class FastModel:
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            target_modules=resolve_target_modules(target_modules),
+            target_modules=resolve_target_modules(target_modules, model.args.family.lora_targets),
             use_rslora=use_rslora,
         )
         add_lora(model, settings, random_state=random_state)

@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from engine.errors import ConfigurationError
+from engine.models.families import LLAMA_LORA_TARGETS
 from engine.modules.linear import Linear
 
-#: Projection names LoRA can target (the same names PEFT users pass).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Projection names LoRA can target in a Llama-shaped family (the same names PEFT users pass); each family
+#: declares its own (:attr:`engine.models.families.Family.lora_targets`).
+LORA_TARGETS = LLAMA_LORA_TARGETS
 #: Key prefix PEFT uses for a causal-LM adapter (``base_model.model.`` + the module path).
 PEFT_PREFIX = "base_model.model."
 
@@ -57,24 +59,24 @@ class LoraSettings:
         return asdict(self)
 
 
-def resolve_target_modules(target_modules) -> list[str]:
-    """Validate ``target_modules`` (a list of names, or ``"all-linear"``).
+def resolve_target_modules(target_modules, allowed: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+    """Validate ``target_modules`` (a list of names, or ``"all-linear"``) against the family's ``allowed`` names.
 
     Raises:
-        ConfigurationError: for a name that is not one of :data:`LORA_TARGETS`.
+        ConfigurationError: for a name that is not one of ``allowed`` (default :data:`LORA_TARGETS`).
     """
     if target_modules is None or target_modules == "all-linear":
-        return list(LORA_TARGETS)
+        return list(allowed)
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    unknown = [t for t in target_modules if t not in LORA_TARGETS]
+    unknown = [t for t in target_modules if t not in allowed]
     if unknown:
         raise ConfigurationError(
-            f"unknown target module(s) {unknown}. LoRA can target: {', '.join(LORA_TARGETS)} "
+            f"unknown target module(s) {unknown}. LoRA can target: {', '.join(allowed)} "
             "(or 'all-linear' for all of them)."
         )
     if not target_modules:
-        raise ConfigurationError("target_modules is empty; name at least one of " + ", ".join(LORA_TARGETS))
+        raise ConfigurationError("target_modules is empty; name at least one of " + ", ".join(allowed))
     return list(dict.fromkeys(target_modules))
 
 

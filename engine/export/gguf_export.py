@@ -45,6 +45,8 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
+from engine.models.families import Family, family_for_model_type
+from engine.modules.linear import Linear
 
 __all__ = ["GGUF_METHODS", "METHOD_ALIASES", "save_pretrained_gguf", "tensor_type"]
 
@@ -72,8 +74,6 @@ _K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 # llama-quant.cpp ``tensor_type_fallback`` for the types we write.
 _FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
-_GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-_PERMUTED_ARCHS = frozenset({"llama", "mistral"})
 
 # llama.cpp's convert_hf_to_gguf.py check text; its tokenization's sha256 identifies the pre-tokenizer.
 _CHKTXT = (
@@ -298,14 +298,9 @@ def llama3_rope_factors(params: dict, head_dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _check_architecture(model) -> str:
-    mt = model.args.model_type
-    if mt not in _GGUF_ARCH:
-        raise UnsupportedArchitectureError(
-            f"GGUF export supports {', '.join(_GGUF_ARCH)} models, not {mt!r}; save it with save_pretrained_merged "
-            "and convert with llama.cpp's convert_hf_to_gguf.py instead"
-        )
-    return mt
+def _family(model) -> Family:
+    """The model's family (its GGUF architecture, Q/K permutation and name map)."""
+    return family_for_model_type(model.args.model_type)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -319,7 +314,8 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
     called, so a caller that writes each result before asking for the next never holds the model twice.
     """
     args = model.args
-    permute = args.model_type in _PERMUTED_ARCHS
+    family = _family(model)
+    permuted_heads = {"self_attn.q_proj": args.num_heads, "self_attn.k_proj": args.num_kv_heads}
 
     def linear(name: str, mod, perm_heads: int | None):
         w_shape = (mod.out_features, mod.in_features)
@@ -347,31 +343,31 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
         factors = llama3_rope_factors(params, args.head_dim)
         yield _tname(MODEL_TENSOR.ROPE_FREQS), tuple(factors.shape), lambda: factors
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        n = layer.input_layernorm.weight
-        yield _tname(MODEL_TENSOR.ATTN_NORM, i), tuple(n.shape), param(n)
-        for kind, mod, heads in (
-            (MODEL_TENSOR.ATTN_Q, attn.q_proj, args.num_heads),
-            (MODEL_TENSOR.ATTN_K, attn.k_proj, args.num_kv_heads),
-            (MODEL_TENSOR.ATTN_V, attn.v_proj, None),
-            (MODEL_TENSOR.ATTN_OUT, attn.o_proj, None),
-        ):
-            yield from linear(TENSOR_NAMES[kind].format(bid=i), mod, heads if permute else None)
-        if attn.q_norm is not None:
-            yield _tname(MODEL_TENSOR.ATTN_Q_NORM, i), tuple(attn.q_norm.weight.shape), param(attn.q_norm.weight)
-            yield _tname(MODEL_TENSOR.ATTN_K_NORM, i), tuple(attn.k_norm.weight.shape), param(attn.k_norm.weight)
-        n = layer.post_attention_layernorm.weight
-        yield _tname(MODEL_TENSOR.FFN_NORM, i), tuple(n.shape), param(n)
-        for kind, mod in (
-            (MODEL_TENSOR.FFN_GATE, mlp.gate_proj),
-            (MODEL_TENSOR.FFN_UP, mlp.up_proj),
-            (MODEL_TENSOR.FFN_DOWN, mlp.down_proj),
-        ):
-            yield from linear(TENSOR_NAMES[kind].format(bid=i), mod, None)
+        # Every per-layer tensor, in the family's name-map order; modules a model lacks (q_norm) are skipped.
+        for module_path, kind in family.block_tensors.items():
+            mod = _submodule(layer, module_path)
+            if mod is None:
+                continue
+            name = TENSOR_NAMES[kind].format(bid=i)
+            if isinstance(mod, Linear):
+                heads = permuted_heads.get(module_path) if family.gguf_permutes_qk else None
+                yield from linear(name, mod, heads)
+            else:
+                yield name + ".weight", tuple(mod.weight.shape), param(mod.weight)
     n = model.model.norm.weight
     yield _tname(MODEL_TENSOR.OUTPUT_NORM), tuple(n.shape), param(n)
     if not args.tie_word_embeddings:
         yield _tname(MODEL_TENSOR.OUTPUT), tuple(model.lm_head.weight.shape), lambda: model.lm_head.merged_weight()
+
+
+def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """``layer.<path>`` or ``None`` where the layer has no such module (``self_attn.q_norm`` without qk-norm)."""
+    mod = layer
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
 
 
 def _plan(model, method: str) -> list[_Tensor]:
@@ -397,9 +393,11 @@ def model_name(model) -> str:
 
 def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
     args = model.args
-    if args.model_type == "mistral" and "mistral" not in name.lower():
-        # llama.cpp (and our reader) tell Mistral from Llama by the name only.
-        name = f"Mistral {name}"
+    family = _family(model)
+    marker = family.gguf_name_marker
+    if marker and marker not in name.lower():
+        # llama.cpp (and our reader) tell this family from another of the same architecture by the name only.
+        name = f"{marker.capitalize()} {name}"
     writer.add_name(name)
     writer.add_file_type(int(GGUF_METHODS[method][0]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -437,7 +435,7 @@ def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
             f"RoPE scaling {rope_type!r} cannot be written to GGUF (supported: default, linear, yarn, llama3)"
         )
     windows = {w for w in args.sliding_windows if w is not None}
-    if windows and args.model_type == "mistral":
+    if windows and family.gguf_sliding_window:
         writer.add_sliding_window(int(max(windows)))
 
 
@@ -716,7 +714,7 @@ def save_pretrained_gguf(
 
         return [save_lora_gguf(model, out)]
     methods = resolve_methods(quantization_method)
-    arch = _GGUF_ARCH[_check_architecture(model)]
+    arch = _family(model).gguf_architecture
     name = model_name(model)
     if tokenizer is None:
         warnings.warn(

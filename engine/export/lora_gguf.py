@@ -21,32 +21,21 @@ import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from engine.errors import ConfigurationError
+from engine.models.families import LLAMA, Family, family_for_model_type
 
 __all__ = ["lora_tensor_names", "save_lora_gguf"]
 
-_HF_TO_GGUF = {
-    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
-}
-
-
-def lora_tensor_names(module_name: str) -> str:
+def lora_tensor_names(module_name: str, family: Family = LLAMA) -> str:
     """llama.cpp base name (``blk.3.attn_q.weight``) of an adapted module (``model.layers.3.self_attn.q_proj``)."""
     parts = module_name.split(".")
-    if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+    name = None
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        name = family.gguf_block_name(".".join(parts[3:]), int(parts[2]))
+    if name is None:
         raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")
-    kind = _HF_TO_GGUF.get(".".join(parts[3:]))
-    if kind is None:
-        raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")
-    return TENSOR_NAMES[kind].format(bid=int(parts[2])) + ".weight"
+    return name + ".weight"
 
 
 def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32") -> Path:
@@ -64,9 +53,6 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
         ConfigurationError: the model has no adapter, adapters differ in scale, or ``dtype`` is unknown.
     """
     from engine.export.gguf_export import (
-        _GGUF_ARCH,
-        _PERMUTED_ARCHS,
-        _check_architecture,
         _Tensor,
         model_name,
         permute_qk,
@@ -77,7 +63,7 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
     if dtype not in ("f32", "f16"):
         raise ConfigurationError(f"LoRA GGUF dtype must be 'f32' or 'f16', not {dtype!r}")
     qtype = QT.F32 if dtype == "f32" else QT.F16
-    mt = _check_architecture(model)
+    family = family_for_model_type(model.args.model_type)
     modules = lora_modules(model)
     if not modules:
         raise ConfigurationError("the model has no LoRA adapter; add one with FastModel.get_peft_model first")
@@ -90,11 +76,11 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
     args = model.args
     tensors: list[_Tensor] = []
     for module_name, mod in modules.items():
-        base = lora_tensor_names(module_name)
+        base = lora_tensor_names(module_name, family)
         heads = None
-        if mt in _PERMUTED_ARCHS and ".attn_q." in base:
+        if family.gguf_permutes_qk and module_name.endswith(".self_attn.q_proj"):
             heads = args.num_heads
-        elif mt in _PERMUTED_ARCHS and ".attn_k." in base:
+        elif family.gguf_permutes_qk and module_name.endswith(".self_attn.k_proj"):
             heads = args.num_kv_heads
 
         def a_data(mod=mod) -> np.ndarray:
@@ -121,4 +107,4 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-LoRA-{dtype.upper()}.gguf"
-    return write_gguf(path, _GGUF_ARCH[mt], metadata, tensors, desc="LoRA GGUF")
+    return write_gguf(path, family.gguf_architecture, metadata, tensors, desc="LoRA GGUF")

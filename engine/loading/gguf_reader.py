@@ -52,7 +52,15 @@ from gguf import GGUFReader
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys
 from gguf.quants import dequantize
 
-from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
+from engine.errors import CheckpointError, ConfigurationError
+from engine.models.families import (
+    GLOBAL_TENSORS,
+    Family,
+    family_for_gguf,
+    family_for_model_type,
+    gguf_architectures,
+    gguf_tensor_name,
+)
 
 __all__ = [
     "GGUFCheckpoint",
@@ -63,13 +71,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Values of ``general.architecture`` this reader accepts. llama.cpp writes
-#: Mistral models as ``"llama"``; ``"mistral"`` is accepted as well in case a
-#: converter writes it (the tensors then follow the ``llama`` conventions).
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
-
-# Architectures whose converter permutes the rows of attn_q / attn_k.
-_PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "mistral"})
+#: Values of ``general.architecture`` this reader accepts (from the family declarations). llama.cpp writes
+#: Mistral models as ``"llama"``; ``"mistral"`` is accepted as well in case a converter writes it (the
+#: tensors then follow the ``llama`` conventions).
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = gguf_architectures()
 
 _GGUF_MAGIC = b"GGUF"
 
@@ -88,49 +93,13 @@ _HUGE_TOKENIZER_KEYS = frozenset(
 _MAX_TOKENIZER_ARRAY_LEN = 1024
 
 
-def _tensor_base(tensor: MODEL_TENSOR) -> str:
-    """Returns the llama.cpp name of ``tensor`` without the ``blk.{bid}.`` prefix."""
-    return TENSOR_NAMES[tensor].replace("blk.{bid}.", "")
-
-
-# llama.cpp tensor name (without ".weight"/".bias") -> Hugging Face module path.
-_GLOBAL_TENSORS: dict[str, str] = {
-    _tensor_base(MODEL_TENSOR.TOKEN_EMBD): "model.embed_tokens",
-    _tensor_base(MODEL_TENSOR.OUTPUT_NORM): "model.norm",
-    _tensor_base(MODEL_TENSOR.OUTPUT): "lm_head",
-}
-# Per-block tensors: "blk.N.<key>" -> "model.layers.N.<value>".
-_BLOCK_TENSORS: dict[str, str] = {
-    _tensor_base(MODEL_TENSOR.ATTN_NORM): "input_layernorm",
-    _tensor_base(MODEL_TENSOR.ATTN_Q): "self_attn.q_proj",
-    _tensor_base(MODEL_TENSOR.ATTN_K): "self_attn.k_proj",
-    _tensor_base(MODEL_TENSOR.ATTN_V): "self_attn.v_proj",
-    _tensor_base(MODEL_TENSOR.ATTN_OUT): "self_attn.o_proj",
-    _tensor_base(MODEL_TENSOR.ATTN_Q_NORM): "self_attn.q_norm",
-    _tensor_base(MODEL_TENSOR.ATTN_K_NORM): "self_attn.k_norm",
-    _tensor_base(MODEL_TENSOR.FFN_NORM): "post_attention_layernorm",
-    _tensor_base(MODEL_TENSOR.FFN_GATE): "mlp.gate_proj",
-    _tensor_base(MODEL_TENSOR.FFN_UP): "mlp.up_proj",
-    _tensor_base(MODEL_TENSOR.FFN_DOWN): "mlp.down_proj",
-}
+# Whole-model tensors: llama.cpp name (without ".weight"/".bias") -> Hugging Face module path. Per-layer
+# tensors are mapped by the family (``Family.hf_module``), from the one name map in engine.models.families.
+_GLOBAL_TENSORS: dict[str, str] = {gguf_tensor_name(t): module for module, t in GLOBAL_TENSORS.items()}
 _ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
 _OUTPUT_WEIGHT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
-
-_CONFIG_CLASSES: dict[str, type[transformers.PretrainedConfig]] = {
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-}
-_CAUSAL_LM_CLASS_NAMES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
 
 @dataclass
 class GGUFCheckpoint:
@@ -383,24 +352,10 @@ class _Meta:
             ) from e
 
 
-def _model_type(arch: str, meta: Mapping[str, object]) -> str:
-    """Picks the Hugging Face ``model_type`` for a GGUF architecture.
-
-    llama.cpp writes Mistral models with ``general.architecture = "llama"``;
-    like transformers, the model name is used to tell them apart.
-
-    Args:
-        arch: The value of ``general.architecture``.
-        meta: The decoded metadata.
-
-    Returns:
-        ``"llama"``, ``"mistral"``, ``"qwen2"`` or ``"qwen3"``.
-    """
-    if arch == "llama":
-        name = meta.get(Keys.General.NAME)
-        if isinstance(name, str) and "mistral" in name.lower():
-            return "mistral"
-    return arch
+def _family(arch: str, meta: Mapping[str, object]) -> Family:
+    """The family of a GGUF file (llama.cpp writes Mistral as ``llama``; like transformers, the name tells)."""
+    name = meta.get(Keys.General.NAME)
+    return family_for_gguf(arch, name if isinstance(name, str) else None)
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict | None:
@@ -558,7 +513,7 @@ def _build_config(
         CheckpointError: A required key is missing or the values are inconsistent.
     """
     m = _Meta(meta, arch, path)
-    model_type = _model_type(arch, meta)
+    family = _family(arch, meta)
     hidden = m.get_int(Keys.LLM.EMBEDDING_LENGTH, required=True)
     n_layers = m.get_int(Keys.LLM.BLOCK_COUNT, required=True)
     intermediate = m.get_int(Keys.LLM.FEED_FORWARD_LENGTH, required=True)
@@ -619,21 +574,14 @@ def _build_config(
         bos_token_id=token_id(Keys.Tokenizer.BOS_ID),
         eos_token_id=token_id(Keys.Tokenizer.EOS_ID),
         pad_token_id=token_id(Keys.Tokenizer.PAD_ID),
-        architectures=[_CAUSAL_LM_CLASS_NAMES[model_type]],
+        architectures=[family.causal_lm_class],
     )
-    attn_bias = any(has_block_tensor(b, "bias") for b in ("attn_q", "attn_k", "attn_v", "attn_output"))
-    if model_type == "llama":
-        kwargs["attention_bias"] = attn_bias
-        kwargs["mlp_bias"] = any(has_block_tensor(b, "bias") for b in ("ffn_gate", "ffn_up", "ffn_down"))
-    elif model_type == "mistral":
-        kwargs["sliding_window"] = m.get_int(Keys.Attention.SLIDING_WINDOW)
-    elif model_type == "qwen2":
-        window = m.get_int(Keys.Attention.SLIDING_WINDOW)
-        kwargs["use_sliding_window"] = False
-        kwargs["sliding_window"] = window
-    elif model_type == "qwen3":
-        kwargs["attention_bias"] = attn_bias
-    return _CONFIG_CLASSES[model_type](**kwargs)
+    kwargs.update(family.gguf_config_fields(
+        attention_bias=any(has_block_tensor(b, "bias") for b in ("attn_q", "attn_k", "attn_v", "attn_output")),
+        mlp_bias=any(has_block_tensor(b, "bias") for b in ("ffn_gate", "ffn_up", "ffn_down")),
+        sliding_window=m.get_int(Keys.Attention.SLIDING_WINDOW),
+    ))
+    return family.config_type()(**kwargs)
 
 
 # --------------------------------------------------------------------------- #
@@ -653,10 +601,9 @@ def _expected_shapes(config: transformers.PretrainedConfig) -> dict[str, tuple[i
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     hd = config.head_dim
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    mt = config.model_type
-    qkv_bias = mt == "qwen2" or (mt in ("llama", "qwen3") and config.attention_bias)
-    o_bias = mt in ("llama", "qwen3") and config.attention_bias
-    mlp_bias = mt == "llama" and config.mlp_bias
+    family = family_for_model_type(config.model_type)
+    biases = family.biases(config)
+    qkv_bias, o_bias, mlp_bias = biases.qkv, biases.o, biases.mlp
 
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for n in range(config.num_hidden_layers):
@@ -670,8 +617,8 @@ def _expected_shapes(config: transformers.PretrainedConfig) -> dict[str, tuple[i
             "self_attn.v_proj.bias": (kv,) if qkv_bias else None,
             "self_attn.o_proj.weight": (h, q),
             "self_attn.o_proj.bias": (h,) if o_bias else None,
-            "self_attn.q_norm.weight": (hd,) if mt == "qwen3" else None,
-            "self_attn.k_norm.weight": (hd,) if mt == "qwen3" else None,
+            "self_attn.q_norm.weight": (hd,) if family.qk_norm else None,
+            "self_attn.k_norm.weight": (hd,) if family.qk_norm else None,
             "mlp.gate_proj.weight": (i, h),
             "mlp.gate_proj.bias": (i,) if mlp_bias else None,
             "mlp.up_proj.weight": (i, h),
@@ -688,10 +635,10 @@ def _expected_shapes(config: transformers.PretrainedConfig) -> dict[str, tuple[i
     return shapes
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, family: Family) -> str | None:
     """Maps a llama.cpp tensor name to its Hugging Face parameter name (None if unknown)."""
     if mb := _BLOCK_RE.fullmatch(gguf_name):
-        module = _BLOCK_TENSORS.get(mb.group(2))
+        module = family.hf_module(mb.group(2))
         return f"model.layers.{mb.group(1)}.{module}.{mb.group(3)}" if module else None
     if mg := _GLOBAL_RE.fullmatch(gguf_name):
         module = _GLOBAL_TENSORS.get(mg.group(1))
@@ -757,12 +704,7 @@ def _read_config(reader: GGUFReader, p: Path):
             f"required GGUF metadata key {Keys.General.ARCHITECTURE!r} is missing from {p}; the file was "
             "written by an incomplete converter. Convert the model again with llama.cpp's convert_hf_to_gguf.py."
         )
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"GGUF architecture {arch!r} ({p.name}) is not supported; supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Mistral files usually say 'llama'). Use a model of one "
-            "of these families."
-        )
+    _family(str(arch), meta)  # raises for an architecture no family serves
     arch = str(arch)
 
     tensors = {t.name: t for t in reader.tensors}
@@ -816,12 +758,13 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
 
     # Map and validate every tensor before the (slow) dequantization.
     expected = _expected_shapes(config)
+    family = family_for_model_type(config.model_type)
     hf_to_gguf: dict[str, str] = {}
     unknown: list[str] = []
     for name in tensors:
         if name == _ROPE_FREQS:
             continue
-        hf = _hf_name(name)
+        hf = _hf_name(name, family)
         if hf is None or hf not in expected:
             unknown.append(name)
         else:
@@ -846,7 +789,7 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
                 f"{list(want)} for {hf}. The file's metadata and tensors disagree; convert the model again."
             )
 
-    permute = arch in _PERMUTED_QK_ARCHITECTURES
+    permute = family.gguf_permutes_qk
     state_dict: dict[str, torch.Tensor] = {}
     for hf, want in expected.items():
         arr = _dequantize(tensors[hf_to_gguf[hf]], want, p)

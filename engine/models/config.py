@@ -1,16 +1,8 @@
 """The engine's description of a decoder-only model, built from a Hugging Face config.
 
-Supported families share one implementation (:mod:`engine.models.transformer`);
-what differs between them is captured here as plain fields:
-
-============  ============================================================
-family        differences from Llama
-============  ============================================================
-llama         (reference) Llama 1/2/3/3.1, SmolLM2, TinyLlama, ...
-mistral       sliding-window attention (``sliding_window``)
-qwen2         bias on q/k/v projections; optional sliding window on upper layers
-qwen3         RMSNorm on each head of q and k (``qk_norm``); explicit ``head_dim``
-============  ============================================================
+Supported families share one implementation (:mod:`engine.models.transformer`); what differs
+between them is declared once per family in :mod:`engine.models.families` and captured here as
+plain fields of :class:`ModelArgs`.
 """
 
 from __future__ import annotations
@@ -21,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import UnsupportedArchitectureError
+from engine.models.families import family_for_model_type, supported_model_types
 
-#: transformers ``model_type`` values the engine implements.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: transformers ``model_type`` values the engine implements (from :data:`engine.models.families.FAMILIES`).
+SUPPORTED_MODEL_TYPES = supported_model_types()
 
 
 @dataclass
@@ -66,6 +59,11 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+
+    @property
+    def family(self):
+        """The :class:`~engine.models.families.Family` this model belongs to."""
+        return family_for_model_type(self.model_type)
 
 
 def _rope_parameters(hf_config) -> dict:
@@ -119,12 +117,7 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
         UnsupportedArchitectureError: for a ``model_type`` outside :data:`SUPPORTED_MODEL_TYPES`.
     """
     model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported. The engine supports the decoder-only families "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (and Llama-shaped models such as SmolLM2, TinyLlama). "
-            "Use one of those, or open an issue asking for this architecture."
-        )
+    family = family_for_model_type(model_type)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     if getattr(hf_config, "hidden_act", "silu") not in ("silu", "swish"):
@@ -132,33 +125,24 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
             f"activation {hf_config.hidden_act!r} is not supported (only SwiGLU MLPs with silu)"
         )
     inv_freq, attention_scaling = rope_inverse_frequencies(hf_config, head_dim)
-    num_layers = hf_config.num_hidden_layers
-    windows: list[int | None] = [None] * num_layers
-    window = getattr(hf_config, "sliding_window", None)
-    layer_types = getattr(hf_config, "layer_types", None)
-    if window is not None:
-        if layer_types is not None:
-            windows = [window if t == "sliding_attention" else None for t in layer_types]
-        elif model_type == "mistral":
-            windows = [window] * num_layers
-    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    biases = family.biases(hf_config)
     return ModelArgs(
         model_type=model_type,
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         intermediate_size=hf_config.intermediate_size,
-        num_layers=num_layers,
+        num_layers=hf_config.num_hidden_layers,
         num_heads=num_heads,
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         rms_norm_eps=hf_config.rms_norm_eps,
         inv_freq=inv_freq,
         rope_attention_scaling=attention_scaling,
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
-        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_windows=windows,
+        qkv_bias=biases.qkv,
+        o_bias=biases.o,
+        mlp_bias=biases.mlp,
+        qk_norm=family.qk_norm,
+        sliding_windows=family.sliding_windows(hf_config),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", 2048),
         bos_token_id=getattr(hf_config, "bos_token_id", None),

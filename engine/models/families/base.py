@@ -1,0 +1,152 @@
+"""What a model family is: everything the engine knows about one architecture, declared once.
+
+A :class:`Family` answers every family-specific question the engine asks — which Hugging Face
+``model_type`` values it serves, which biases and norms its layers carry, which layers slide their
+attention window, what llama.cpp calls it and its tensors, whether llama.cpp's converter permutes its
+Q/K rows, which projections LoRA targets, and the published configs the memory planner knows offline.
+The loader (:mod:`engine.models.config`), the GGUF reader and writer, the LoRA GGUF writer and the
+memory planner read these answers from the family; none of them tests ``model_type`` itself.
+
+A Llama-shaped family is one file in this package with one :class:`Family` instance (see
+``llama.py``), added to ``FAMILIES`` in ``__init__.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
+
+#: Whole-model tensors: Hugging Face module path -> llama.cpp tensor.
+GLOBAL_TENSORS: Mapping[str, MODEL_TENSOR] = {
+    "model.embed_tokens": MODEL_TENSOR.TOKEN_EMBD,
+    "model.norm": MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": MODEL_TENSOR.OUTPUT,
+}
+
+#: Per-layer tensors of a Llama-shaped decoder layer: module path under ``model.layers.N.`` -> llama.cpp
+#: tensor (``blk.N.<name>``). The one HF <-> GGUF name map: the reader inverts it, the writer and the
+#: LoRA GGUF writer look names up in it.
+LLAMA_BLOCK_TENSORS: Mapping[str, MODEL_TENSOR] = {
+    "input_layernorm": MODEL_TENSOR.ATTN_NORM,
+    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "self_attn.q_norm": MODEL_TENSOR.ATTN_Q_NORM,
+    "self_attn.k_norm": MODEL_TENSOR.ATTN_K_NORM,
+    "post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
+    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+}
+
+#: The projections of a Llama-shaped layer, by the names PEFT users pass as ``target_modules``.
+LLAMA_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+#: What the parity suite checks for every family (``tests/test_parity.py``, ``tests/export/test_gguf_export.py``).
+PARITY_VERIFIED = "logits, LoRA loss and gradients, right padding vs transformers + PEFT; GGUF f16/q8_0 written and read back"
+
+
+def gguf_tensor_name(tensor: MODEL_TENSOR, layer: int | None = None) -> str:
+    """llama.cpp's name of ``tensor`` (``"blk.3.attn_q"``; no ``.weight``), in ``layer`` for per-layer ones."""
+    name = TENSOR_NAMES[tensor]
+    return name.format(bid=layer) if layer is not None else name
+
+
+@dataclass(frozen=True)
+class Biases:
+    """Which projections of a layer carry a bias: q/k/v, the attention output, the MLP."""
+
+    qkv: bool = False
+    o: bool = False
+    mlp: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, as every part of the engine needs it.
+
+    Attributes:
+        name: the family's name (``"llama"``); also the ``model_type`` the engine records for it.
+        model_types: the transformers ``model_type`` values it serves.
+        summary: how it differs from Llama, in a few words (the docs' supported-models table).
+        verified: what the tests check for it, against which oracle (the same table).
+        config_class: transformers config class (the oracle's, and what GGUF files are read into).
+        causal_lm_class: transformers ``*ForCausalLM`` class name (the tests' oracle; ``architectures``).
+        gguf_architecture: llama.cpp's ``general.architecture`` for it.
+        gguf_name_marker: when several families share a GGUF architecture, the word in ``general.name`` that
+            tells this one apart (llama.cpp writes Mistral as ``llama`` and tells them apart by name).
+        gguf_permutes_qk: llama.cpp's converter permutes Q/K rows from rotate-half to interleaved RoPE
+            (``llama``); NEOX-RoPE architectures (Qwen) are written as they are.
+        gguf_sliding_window: the GGUF file records the attention window (``<arch>.attention.sliding_window``).
+        qk_norm: per-head RMSNorm on q and k before RoPE.
+        window_every_layer: a config's ``sliding_window`` applies to every layer when the config has no
+            ``layer_types`` (Mistral); otherwise only ``layer_types``' sliding layers use it.
+        block_tensors: the HF <-> GGUF per-layer name map.
+        lora_targets: projections LoRA can target.
+        known_configs: ``{hub id: config.json fields}`` the memory planner knows offline (copied from the
+            models' published config.json files); ``aliases``: ``{hub id: listed hub id}`` of the same shape.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    summary: str
+    verified: str
+    config_class: str
+    causal_lm_class: str
+    gguf_architecture: str
+    gguf_permutes_qk: bool = False
+    gguf_name_marker: str | None = None
+    gguf_sliding_window: bool = False
+    qk_norm: bool = False
+    window_every_layer: bool = False
+    block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
+    lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    known_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ per-config rules (override per family)
+
+    def biases(self, hf_config) -> Biases:
+        """The biases a model of this family with ``hf_config`` carries (Llama: from ``attention_bias``/``mlp_bias``)."""
+        attention = bool(getattr(hf_config, "attention_bias", False))
+        return Biases(qkv=attention, o=attention, mlp=bool(getattr(hf_config, "mlp_bias", False)))
+
+    def sliding_windows(self, hf_config) -> list[int | None]:
+        """Per layer, the attention window or ``None`` (full causal attention)."""
+        n = hf_config.num_hidden_layers
+        window = getattr(hf_config, "sliding_window", None)
+        layer_types = getattr(hf_config, "layer_types", None)
+        if window is None:
+            return [None] * n
+        if layer_types is not None:
+            return [window if t == "sliding_attention" else None for t in layer_types]
+        return [window] * n if self.window_every_layer else [None] * n
+
+    def gguf_config_fields(self, *, attention_bias: bool, mlp_bias: bool, sliding_window: int | None) -> dict:
+        """Family-specific fields of the transformers config built from a GGUF file's metadata and tensors."""
+        return {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
+
+    # ------------------------------------------------------------------ derived
+
+    def config_type(self):
+        """The transformers config class (imported on first use)."""
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+    def hf_module(self, gguf_block_name: str) -> str | None:
+        """The module path under ``model.layers.N.`` of a per-layer llama.cpp name (``"attn_q"``), or ``None``."""
+        for module, tensor in self.block_tensors.items():
+            if TENSOR_NAMES[tensor].removeprefix("blk.{bid}.") == gguf_block_name:
+                return module
+        return None
+
+    def gguf_block_name(self, module: str, layer: int) -> str | None:
+        """llama.cpp's name of a per-layer module (``"self_attn.q_proj"``, 3 -> ``"blk.3.attn_q"``), or ``None``."""
+        tensor = self.block_tensors.get(module)
+        return gguf_tensor_name(tensor, layer) if tensor is not None else None
