@@ -46,6 +46,7 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
 from engine.models.families import Family, family_for_model_type
+from engine.models.rope import llama3_rope_factors, rope_parameters
 from engine.modules.linear import Linear
 
 __all__ = ["GGUF_METHODS", "METHOD_ALIASES", "save_pretrained_gguf", "tensor_type"]
@@ -267,35 +268,13 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _rope_params(model) -> dict:
-    from engine.models.config import _rope_parameters
 
     if model.hf_config is not None:
-        return _rope_parameters(model.hf_config)
+        return rope_parameters(model.hf_config)
     # No config: the inverse frequencies are the default ones; recover the base from them.
     inv = model.args.inv_freq.double()
     theta = float(inv[1] ** (-model.args.head_dim / 2.0)) if inv.numel() > 1 else 10000.0
     return {"rope_type": "default", "rope_theta": theta}
-
-
-def llama3_rope_factors(params: dict, head_dim: int) -> torch.Tensor:
-    """The ``rope_freqs`` tensor ``[head_dim // 2]`` llama.cpp uses for Llama-3.1 (``llama3``) RoPE scaling."""
-    base = float(params.get("rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor = float(params.get("factor", 8.0))
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
-    old = float(params.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old / low, old / high
-    out = []
-    for f in freqs.tolist():
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(out, dtype=torch.float32)
 
 
 def _family(model) -> Family:
