@@ -45,6 +45,7 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
+from engine.gguf import quants
 from engine.models.families import Family, family_for_model_type
 from engine.models.rope import llama3_rope_factors, rope_parameters
 from engine.modules.linear import Linear
@@ -71,7 +72,6 @@ GGUF_METHODS: dict[str, tuple[LlamaFileType, QT]] = {
 METHOD_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
 
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-_K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 # llama-quant.cpp ``tensor_type_fallback`` for the types we write.
 _FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
@@ -225,18 +225,7 @@ def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.BF16:
         bits = torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).view(torch.int16).numpy()
         return bits.view(np.uint8)
-    try:
-        from engine.export import quants
-    except ImportError:
-        quants = None
-    if quants is not None:
-        return np.ascontiguousarray(quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
-    if qtype in _K_TYPES:
-        raise ConfigurationError(
-            f"{qtype.name} (K-quant) encoding needs engine.export.quants, which is not available; "
-            "export with q8_0 / q4_0 / q5_0 / q5_1 / q4_1 or a float type instead"
-        )
-    return np.ascontiguousarray(gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
+    return np.ascontiguousarray(quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
 
 
 # --------------------------------------------------------------------------- tensors
@@ -675,7 +664,7 @@ def save_pretrained_gguf(
             q5_k_m q4_k_m q4_k_s q3_k_m``) or alias (``not_quantized`` = f16, ``fast_quantized`` = q8_0,
             ``quantized`` = q4_k_m), or a list of them.
         lora_only: write only the LoRA adapter as a llama.cpp LoRA GGUF
-            (:func:`engine.export.lora_gguf.save_lora_gguf`) instead.
+            (:func:`engine.gguf.lora.save_lora_gguf`) instead.
         write_modelfile: also write an Ollama ``Modelfile`` (``Modelfile-<METHOD>`` when several methods).
 
     Returns:
@@ -689,7 +678,7 @@ def save_pretrained_gguf(
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     if lora_only:
-        from engine.export.lora_gguf import save_lora_gguf
+        from engine.gguf.lora import save_lora_gguf
 
         return [save_lora_gguf(model, out)]
     methods = resolve_methods(quantization_method)
@@ -715,7 +704,7 @@ def save_pretrained_gguf(
             write_gguf(path, arch, metadata, plan, desc=f"GGUF {method.upper()}")
         paths.append(path)
         if write_modelfile and tokenizer is not None:
-            from engine.export.modelfile import write_modelfile as _write_modelfile
+            from engine.gguf.modelfile import write_modelfile as _write_modelfile
 
             mf_name = "Modelfile" if len(methods) == 1 else f"Modelfile-{method.upper()}"
             _write_modelfile(path, tokenizer, out / mf_name)
