@@ -81,7 +81,7 @@ SECTIONS: list[tuple[str, str, object]] = [
             Entry("engine.models.transformer.CausalLM.save_pretrained_merged"),
             Entry("engine.saving.save_pretrained_merged"),
             Entry("engine.models.transformer.CausalLM.save_pretrained_gguf"),
-            Entry("engine.export.gguf_export.save_pretrained_gguf"),
+            Entry("engine.gguf.writer.save_pretrained_gguf"),
         ],
     ),
     (

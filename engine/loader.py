@@ -146,7 +146,7 @@ class FastModel:
             return FastModel._from_adapter(source, max_seq_length, torch_dtype, load_in_4bit, double_quant, device, token, verbose)
 
         if source.suffix == ".gguf":
-            from engine.loading.gguf_reader import load_gguf_tokenizer, read_gguf_checkpoint
+            from engine.gguf.reader import load_gguf_tokenizer, read_gguf_checkpoint
 
             checkpoint = read_gguf_checkpoint(source)
             hf_config = checkpoint.config

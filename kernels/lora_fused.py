@@ -62,6 +62,8 @@ from kernels.swiglu import swiglu, swiglu_backward, swiglu_reference
 __all__ = [  # noqa: RUF022 (grouped by role)
     "DequantWorkspace", "Projection", "LoRAProjectionsFunction", "LoRAQKVFunction", "LoRAMLPFunction",
     "dropout_masks", "lora_projections", "lora_qkv", "lora_o", "lora_mlp", "reference_qkv", "reference_o", "reference_mlp",
+    # shared with kernels.tiled_mlp
+    "from_2d", "lora_grads_needed", "prepare_inputs",
 ]
 
 
@@ -245,7 +247,7 @@ def _flat_grads(grads) -> list[torch.Tensor | None]:
     return [g for d_a, d_b in grads for g in (d_a, d_b, None)]
 
 
-def _needs(ctx, n: int, first: int = 3) -> tuple[list[bool], list[bool]]:
+def lora_grads_needed(ctx, n: int, first: int = 3) -> tuple[list[bool], list[bool]]:
     """``needs_input_grad`` of each projection's A and B (arguments laid out by :func:`_flat_tensors`)."""
     flags = ctx.needs_input_grad
     return [flags[first + 3 * i] for i in range(n)], [flags[first + 3 * i + 1] for i in range(n)]
@@ -276,7 +278,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
     def forward(ctx, x, projs, workspace, *tensors):
         masks = tensors[2::3]
         outs, xas = _shared_forward(x, projs, masks, workspace)
-        need_a, need_b = _needs(ctx, len(projs))
+        need_a, need_b = lora_grads_needed(ctx, len(projs))
         ctx.projs, ctx.workspace = projs, workspace
         ctx.save_for_backward(_if(x, any(need_a)), *tensors, *map(_if, xas, need_b))
         return tuple(outs)
@@ -287,7 +289,7 @@ class LoRAProjectionsFunction(torch.autograd.Function):
         n = len(ctx.projs)
         x, *rest = ctx.saved_tensors
         masks, xas = rest[2 : 3 * n : 3], rest[3 * n :]
-        need_a, need_b = _needs(ctx, n)
+        need_a, need_b = lora_grads_needed(ctx, n)
         dx, grads = _shared_backward(
             x, dys, ctx.projs, xas, masks, ctx.workspace, ctx.needs_input_grad[0], need_a, need_b
         )
@@ -311,7 +313,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         (g, u), xas_gu = _shared_forward(x, projs[:2], masks[:2], workspace)
         h = swiglu(g, u)
         (y,), (xa_d,) = _shared_forward(h, projs[2:], masks[2:], workspace)
-        need_a, need_b = _needs(ctx, 3)
+        need_a, need_b = lora_grads_needed(ctx, 3)
         need_gu = _needs_dh(ctx) or need_a[2]  # for dg/du, or to recompute h for dA_down
         ctx.projs, ctx.workspace = projs, workspace
         ctx.save_for_backward(
@@ -325,7 +327,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         x, g, u, *rest = ctx.saved_tensors
         masks, xas = rest[2:9:3], rest[9:]
         gate, up, down = ctx.projs
-        need_a, need_b = _needs(ctx, 3)
+        need_a, need_b = lora_grads_needed(ctx, 3)
         need_dh = _needs_dh(ctx)
         h = swiglu(g, u) if need_a[2] and down.has_lora else None  # recomputed, never saved
         dh, grads_d = _shared_backward(
@@ -367,12 +369,12 @@ def _to_2d(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
-def _from_2d(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def from_2d(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``y [N, out]`` back to ``[..., out]`` with ``x``'s leading dims (no view node for 2-D ``x``)."""
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _prepare(x, projections, training, generator):
+def prepare_inputs(x, projections, training, generator):
     select_backend("lora_linear", x.device)  # records the path; inner ops dispatch themselves
     masks = [_to_2d(m) for m in dropout_masks(x, projections, training, generator)]
     return _to_2d(x), _flat_tensors(projections, masks)
@@ -390,9 +392,9 @@ def lora_projections(
     ``workspace=None`` dequantizes into a fresh tensor per call; ``training`` turns LoRA dropout on.
     """
     projections = tuple(projections)
-    x2, tensors = _prepare(x, projections, training, generator)
+    x2, tensors = prepare_inputs(x, projections, training, generator)
     outs = LoRAProjectionsFunction.apply(x2, projections, workspace, *tensors)
-    return tuple(_from_2d(y, x) for y in outs)
+    return tuple(from_2d(y, x) for y in outs)
 
 
 def lora_qkv(x, q: Projection, k: Projection, v: Projection, workspace=None, training=False, generator=None):
@@ -416,9 +418,9 @@ def lora_mlp(
 ) -> torch.Tensor:
     """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]``."""
     projections = (gate, up, down)
-    x2, tensors = _prepare(x, projections, training, generator)
+    x2, tensors = prepare_inputs(x, projections, training, generator)
     # The down mask covers h [..., inter]: dropout_masks drew it with down.in_features columns.
-    return _from_2d(LoRAMLPFunction.apply(x2, projections, workspace, *tensors), x)
+    return from_2d(LoRAMLPFunction.apply(x2, projections, workspace, *tensors), x)
 
 
 # --------------------------------------------------------------------------- autograd oracles

@@ -1,4 +1,9 @@
-"""Linear layer with a frozen (optionally NF4 4-bit) base weight and a LoRA branch.
+"""Linear layer with a frozen (optionally NF4 4-bit) base weight and a LoRA branch: the single-projection reference.
+
+The engine runs every projection through :mod:`kernels.lora_fused` (one path, one Function per group of
+projections that share an input); this module is the single-projection form the tests and the GPU check
+compare it with: an autograd Function with the same hand-written backward, and its plain-autograd oracle
+:func:`lora_linear_reference`.
 
 Forward, for input ``x [N, in]``, base weight ``W [out, in]`` (dense, or NF4 and
 dequantized on the fly), LoRA ``A [r, in]``, ``B [out, r]`` and scale ``s``::

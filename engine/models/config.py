@@ -7,13 +7,13 @@ plain fields of :class:`ModelArgs`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.errors import UnsupportedArchitectureError
 from engine.models.families import family_for_model_type, supported_model_types
+from engine.models.rope import rope_inverse_frequencies
 
 #: transformers ``model_type`` values the engine implements (from :data:`engine.models.families.FAMILIES`).
 SUPPORTED_MODEL_TYPES = supported_model_types()
@@ -64,50 +64,6 @@ class ModelArgs:
     def family(self):
         """The :class:`~engine.models.families.Family` this model belongs to."""
         return family_for_model_type(self.model_type)
-
-
-def _rope_parameters(hf_config) -> dict:
-    """RoPE settings as one dict, whichever transformers version wrote the config."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        return dict(params)
-    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
-    scaling["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
-    return scaling
-
-
-def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies ``[head_dim // 2]`` and cos/sin scaling for a config.
-
-    Implements ``default``, ``linear`` and ``llama3`` (Llama-3.1) scaling here; other types
-    are computed by transformers' public ``ROPE_INIT_FUNCTIONS`` table.
-    """
-    params = _rope_parameters(hf_config)
-    rope_type = params.get("rope_type", "default")
-    base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope_type == "default":
-        return inv_freq, 1.0
-    if rope_type == "linear":
-        return inv_freq / float(params["factor"]), 1.0
-    if rope_type == "llama3":
-        factor = float(params["factor"])
-        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
-        old_context = float(params["original_max_position_embeddings"])
-        low_wavelen, high_wavelen = old_context / low, old_context / high
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return torch.where(is_medium, smoothed, scaled), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise UnsupportedArchitectureError(f"RoPE scaling type {rope_type!r} is not supported")
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-    return inv.float(), float(scaling)
 
 
 def model_args_from_hf_config(hf_config) -> ModelArgs:

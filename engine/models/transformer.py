@@ -501,7 +501,7 @@ class CausalLM(nn.Module):
         save_pretrained_merged(self, save_directory, tokenizer, save_method=save_method, **kwargs)
 
     def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="q8_0", **kwargs):
-        """Merge LoRA and write llama.cpp GGUF file(s); see :func:`engine.export.gguf_export.save_pretrained_gguf`."""
-        from engine.export.gguf_export import save_pretrained_gguf
+        """Merge LoRA and write llama.cpp GGUF file(s); see :func:`engine.gguf.writer.save_pretrained_gguf`."""
+        from engine.gguf.writer import save_pretrained_gguf
 
         return save_pretrained_gguf(self, save_directory, tokenizer, quantization_method, **kwargs)

@@ -6,7 +6,8 @@ One class covers the three ways a projection is used:
 * LoRA: a frozen dense weight and trainable ``lora_A [r, in]``, ``lora_B [out, r]``;
 * QLoRA: the frozen weight stored as NF4 (``weight_nf4_*`` buffers) and LoRA on top.
 
-The LoRA math and its hand-written backward live in :mod:`kernels.lora_linear`.
+The LoRA math and its hand-written backward live in :mod:`kernels.lora_fused` (one path for every projection;
+:mod:`kernels.lora_linear` is the single-projection reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
-from kernels.lora_linear import lora_linear
 from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from kernels.tiled_mlp import tiled_lora_mlp
 
@@ -144,12 +144,8 @@ class Linear(nn.Module):
         use_lora = self.has_lora and self.adapter_enabled
         if not self.is_quantized and not use_lora:
             return F.linear(x, self.weight, self.bias)
-        base = self.nf4_weight() if self.is_quantized else self.weight
-        if use_lora:
-            return lora_linear(
-                x, base, self.bias, self.lora_A, self.lora_B, self.lora_scaling, self.lora_dropout, self.training
-            )
-        return lora_linear(x, base, self.bias)
+        # The one LoRA path: the fused Function, here with a single projection (kernels.lora_linear is its reference).
+        return lora_projections(x, [Projection.from_module(self)], None, self.training)[0]
 
     def extra_repr(self) -> str:
         parts = [f"in={self.in_features}", f"out={self.out_features}", f"bias={self.bias is not None}"]

@@ -15,9 +15,9 @@ from gguf import GGUFReader
 
 from engine import FastModel
 from engine.errors import CheckpointError, ConfigurationError
-from engine.export.gguf_export import GGUF_METHODS, permute_qk, save_pretrained_gguf, tensor_type
-from engine.export.lora_gguf import save_lora_gguf
-from engine.export.modelfile import modelfile_text
+from engine.gguf.writer import GGUF_METHODS, permute_qk, save_pretrained_gguf, tensor_type
+from engine.gguf.lora import save_lora_gguf
+from engine.gguf.modelfile import modelfile_text
 from tests.conftest import FAMILY_CONFIGS
 
 IDS = torch.tensor([[3, 17, 42, 99, 150, 7, 201, 64, 5, 88, 120, 33]])
@@ -120,7 +120,6 @@ def test_q8_0_quantizes_when_shapes_allow(tmp_path):
 
 @pytest.mark.parametrize("method", ["q4_0", "q5_1", "q6_k", "q4_k_m"])
 def test_block_quants_round_trip(tmp_path, method):
-    pytest.importorskip("engine.export.quants")
     model = _small_model(tmp_path, hidden=256, inter=512)
     ref = model(IDS).logits
     (path,) = export(model, tmp_path / "out", method)

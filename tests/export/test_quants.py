@@ -1,4 +1,4 @@
-"""Tests for engine.export.quants: round-trip error through gguf's dequantizers, byte equality with a slow scalar
+"""Tests for engine.gguf.quants: round-trip error through gguf's dequantizers, byte equality with a slow scalar
 re-implementation of llama.cpp's reference quantizers, delegated types and errors."""
 
 import itertools
@@ -10,7 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from engine.errors import ConfigurationError
-from engine.export.quants import OWN_TYPES, block_size, can_quantize, quantize
+from engine.gguf.quants import OWN_TYPES, block_size, can_quantize, quantize
 
 F = np.float32
 

@@ -53,6 +53,7 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES, GGUFValueType, Keys
 from gguf.quants import dequantize
 
 from engine.errors import CheckpointError, ConfigurationError
+from engine.models.rope import llama3_params_from_factors
 from engine.models.families import (
     GLOBAL_TENSORS,
     Family,
@@ -359,71 +360,21 @@ def _family(arch: str, meta: Mapping[str, object]) -> Family:
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict | None:
-    """Recovers Hugging Face ``llama3`` rope parameters from a ``rope_freqs`` tensor.
+    """``llama3`` rope parameters recovered from a ``rope_freqs`` tensor (:func:`engine.models.rope.llama3_params_from_factors`).
 
-    llama.cpp's converter stores, for each rotary frequency ``f_i``, the factor
-    ``1`` (short wavelengths), ``factor`` (long wavelengths) or
-    ``1 / ((1 - s) / factor + s)`` with ``s = (L / wavelen - lo) / (hi - lo)``
-    in between. ``factor`` is the largest entry; assuming ``lo = 1`` (every
-    released Llama 3.x) ``s`` is linear in ``1 / wavelen``, and a line fit over
-    the smoothed entries gives ``hi`` and ``L``. The result is checked by
-    recomputing the factors.
-
-    Args:
-        factors: The ``rope_freqs`` values, one per frequency (``head_dim / 2``).
-        theta: The RoPE base.
-        head_dim: The rotary dimension.
-        path: The file, for messages.
-
-    Returns:
-        ``{"rope_type": "llama3", "factor", "low_freq_factor",
-        "high_freq_factor", "original_max_position_embeddings"}``, or None when
-        every factor is 1 (no scaling).
+    Returns None when every factor is 1; warns when the recovered parameters do not reproduce the tensor.
 
     Raises:
-        CheckpointError: The tensor has the wrong length or a pattern that is
-            not Llama 3 scaling.
+        CheckpointError: the tensor has the wrong length or a pattern that is not Llama 3 scaling.
     """
-    rf = np.asarray(factors, dtype=np.float64).reshape(-1)
-    if rf.size != head_dim // 2:
+    try:
+        params, exact = llama3_params_from_factors(factors, theta, head_dim)
+    except ValueError as e:
         raise CheckpointError(
-            f"tensor {_ROPE_FREQS!r} in {path} has {rf.size} entries, expected head_dim/2 = {head_dim // 2}."
-            " The file is corrupt or not a Llama model; convert it again."
-        )
-    factor = float(rf.max())
-    if np.all(np.abs(rf - 1.0) < 1e-6):
-        return None
-    if rf.min() < 1.0 - 1e-4:
-        raise CheckpointError(
-            f"tensor {_ROPE_FREQS!r} in {path} holds factors below 1 (min {rf.min():.4g}), which is not "
-            "Llama 3 RoPE scaling; this kind of RoPE scaling is not supported."
-        )
-    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    x = inv_freq / (2 * np.pi)  # 1 / wavelength
-    smooth = (rf > 1.0 + 1e-4) & (rf < factor * (1.0 - 1e-4))
-    low = 1.0
-    high, orig_ctx = 4.0, 8192  # Llama 3.1 values, used when too few smoothed entries to fit
-    if smooth.sum() >= 2:
-        s = (1.0 / rf[smooth] - 1.0 / factor) / (1.0 - 1.0 / factor)
-        a, b = np.polyfit(x[smooth], s, 1)
-        if b < 0 and a > 0:
-            high = round(float(1.0 - 1.0 / b), 3)
-            orig_ctx = int(round(float(-a / b)))
-    params = {
-        "rope_type": "llama3",
-        "factor": factor,
-        "low_freq_factor": low,
-        "high_freq_factor": high,
-        "original_max_position_embeddings": orig_ctx,
-    }
-    wavelen = 1.0 / x
-    s_all = (orig_ctx / wavelen - low) / (high - low)
-    expected = np.where(
-        wavelen < orig_ctx / high,
-        1.0,
-        np.where(wavelen > orig_ctx / low, factor, 1.0 / ((1.0 - s_all) / factor + s_all)),
-    )
-    if not np.allclose(expected, rf, rtol=1e-3, atol=1e-4):
+            f"tensor {_ROPE_FREQS!r} in {path} is not Llama 3 RoPE scaling: {e}. The file is corrupt or uses "
+            "a RoPE scaling the engine does not support; convert it again."
+        ) from e
+    if not exact:
         warnings.warn(
             f"the rope_freqs tensor of {path} does not match Llama 3 RoPE scaling exactly; using the "
             f"closest llama3 parameters {params}. Long-context outputs may differ from llama.cpp.",

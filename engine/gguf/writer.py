@@ -45,7 +45,9 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
+from engine.gguf import quants
 from engine.models.families import Family, family_for_model_type
+from engine.models.rope import llama3_rope_factors, rope_parameters
 from engine.modules.linear import Linear
 
 __all__ = ["GGUF_METHODS", "METHOD_ALIASES", "save_pretrained_gguf", "tensor_type"]
@@ -70,7 +72,6 @@ GGUF_METHODS: dict[str, tuple[LlamaFileType, QT]] = {
 METHOD_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m"}
 
 _FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-_K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 # llama-quant.cpp ``tensor_type_fallback`` for the types we write.
 _FALLBACK = {QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
@@ -224,18 +225,7 @@ def _quantize(data: np.ndarray, qtype: QT) -> np.ndarray:
     if qtype == QT.BF16:
         bits = torch.from_numpy(np.ascontiguousarray(data)).to(torch.bfloat16).view(torch.int16).numpy()
         return bits.view(np.uint8)
-    try:
-        from engine.export import quants
-    except ImportError:
-        quants = None
-    if quants is not None:
-        return np.ascontiguousarray(quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
-    if qtype in _K_TYPES:
-        raise ConfigurationError(
-            f"{qtype.name} (K-quant) encoding needs engine.export.quants, which is not available; "
-            "export with q8_0 / q4_0 / q5_0 / q5_1 / q4_1 or a float type instead"
-        )
-    return np.ascontiguousarray(gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
+    return np.ascontiguousarray(quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype))
 
 
 # --------------------------------------------------------------------------- tensors
@@ -267,35 +257,13 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _rope_params(model) -> dict:
-    from engine.models.config import _rope_parameters
 
     if model.hf_config is not None:
-        return _rope_parameters(model.hf_config)
+        return rope_parameters(model.hf_config)
     # No config: the inverse frequencies are the default ones; recover the base from them.
     inv = model.args.inv_freq.double()
     theta = float(inv[1] ** (-model.args.head_dim / 2.0)) if inv.numel() > 1 else 10000.0
     return {"rope_type": "default", "rope_theta": theta}
-
-
-def llama3_rope_factors(params: dict, head_dim: int) -> torch.Tensor:
-    """The ``rope_freqs`` tensor ``[head_dim // 2]`` llama.cpp uses for Llama-3.1 (``llama3``) RoPE scaling."""
-    base = float(params.get("rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    factor = float(params.get("factor", 8.0))
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
-    old = float(params.get("original_max_position_embeddings", 8192))
-    low_wavelen, high_wavelen = old / low, old / high
-    out = []
-    for f in freqs.tolist():
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(1.0)
-        elif wavelen > low_wavelen:
-            out.append(factor)
-        else:
-            smooth = (old / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(out, dtype=torch.float32)
 
 
 def _family(model) -> Family:
@@ -696,7 +664,7 @@ def save_pretrained_gguf(
             q5_k_m q4_k_m q4_k_s q3_k_m``) or alias (``not_quantized`` = f16, ``fast_quantized`` = q8_0,
             ``quantized`` = q4_k_m), or a list of them.
         lora_only: write only the LoRA adapter as a llama.cpp LoRA GGUF
-            (:func:`engine.export.lora_gguf.save_lora_gguf`) instead.
+            (:func:`engine.gguf.lora.save_lora_gguf`) instead.
         write_modelfile: also write an Ollama ``Modelfile`` (``Modelfile-<METHOD>`` when several methods).
 
     Returns:
@@ -710,7 +678,7 @@ def save_pretrained_gguf(
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     if lora_only:
-        from engine.export.lora_gguf import save_lora_gguf
+        from engine.gguf.lora import save_lora_gguf
 
         return [save_lora_gguf(model, out)]
     methods = resolve_methods(quantization_method)
@@ -736,7 +704,7 @@ def save_pretrained_gguf(
             write_gguf(path, arch, metadata, plan, desc=f"GGUF {method.upper()}")
         paths.append(path)
         if write_modelfile and tokenizer is not None:
-            from engine.export.modelfile import write_modelfile as _write_modelfile
+            from engine.gguf.modelfile import write_modelfile as _write_modelfile
 
             mf_name = "Modelfile" if len(methods) == 1 else f"Modelfile-{method.upper()}"
             _write_modelfile(path, tokenizer, out / mf_name)

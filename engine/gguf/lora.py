@@ -7,7 +7,7 @@ Layout as llama.cpp's ``convert_lora_to_gguf.py``: ``general.type = "adapter"``,
 ``alpha = scaling * r`` so rsLoRA (``alpha / sqrt(r)``) adapters keep their scale.
 
 The base file's Q/K rows are permuted for ``llama`` models (see
-:func:`engine.export.gguf_export.permute_qk`); since ``W + s B A`` has the rows of ``B``, the same
+:func:`engine.gguf.writer.permute_qk`); since ``W + s B A`` has the rows of ``B``, the same
 row permutation is applied to ``lora_b`` of ``attn_q``/``attn_k`` (as the converter's
 ``LoraTorchTensor`` does).
 """
@@ -52,7 +52,7 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
     Raises:
         ConfigurationError: the model has no adapter, adapters differ in scale, or ``dtype`` is unknown.
     """
-    from engine.export.gguf_export import (
+    from engine.gguf.writer import (
         _Tensor,
         model_name,
         permute_qk,
