@@ -116,3 +116,27 @@ def test_supported_models_table_is_generated_from_the_families(doc):
     text = (ROOT / doc).read_text(encoding="utf-8")
     table = text.split("<!-- families:start -->\n", 1)[1].split("\n<!-- families:end -->", 1)[0]
     assert table == supported_models_table(), f"{doc}: regenerate the table (see docs/models.md)"
+
+
+def _engine_imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n.startswith(("engine", "kernels"))}
+
+
+def test_layering_of_the_family_seam():
+    """Families and RoPE are leaves; the GGUF package uses them but never the model code above them."""
+    for path in [*(ROOT / "engine/models/families").glob("*.py"), ROOT / "engine/models/rope.py"]:
+        assert _engine_imports(path) <= {"engine.errors", "engine.models.families", "engine.models.families.base",
+                                         "engine.models.families.llama", "engine.models.families.mistral",
+                                         "engine.models.families.qwen2", "engine.models.families.qwen3"}, path
+    for path in (ROOT / "engine/gguf").glob("*.py"):
+        bad = {n for n in _engine_imports(path)
+               if n.startswith(("engine.models.transformer", "engine.loader", "engine.training", "engine.saving"))}
+        assert not bad, (path, bad)
