@@ -62,6 +62,20 @@ def test_declared_biases_norms_and_windows_are_what_transformers_builds(name):
         assert args.sliding_windows == [window] * config.num_hidden_layers
 
 
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("bias", [False, True])
+def test_expected_shapes_are_the_parameters_transformers_builds(name, bias):
+    config = FAMILY_CONFIGS[name]()
+    if hasattr(config, "attention_bias"):
+        config.attention_bias = bias
+    if hasattr(config, "mlp_bias"):
+        config.mlp_bias = bias
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    theirs = {n: tuple(p.shape) for n, p in hf.named_parameters()}  # tied lm_head is listed once, as embed_tokens
+    assert family_for_model_type(config.model_type).expected_shapes(config) == theirs
+
+
 def test_unknown_model_type_names_the_supported_families():
     with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, qwen2, qwen3"):
         family_for_model_type("gpt2")

@@ -540,52 +540,6 @@ def _build_config(
 # --------------------------------------------------------------------------- #
 
 
-def _expected_shapes(config: transformers.PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """Lists the parameters a Hugging Face ``*ForCausalLM`` with ``config`` has.
-
-    Args:
-        config: A Llama/Mistral/Qwen2/Qwen3 config.
-
-    Returns:
-        Parameter name -> shape, in the order the module registers them.
-    """
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    hd = config.head_dim
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    family = family_for_model_type(config.model_type)
-    biases = family.biases(config)
-    qkv_bias, o_bias, mlp_bias = biases.qkv, biases.o, biases.mlp
-
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(config.num_hidden_layers):
-        p = f"model.layers.{n}."
-        attn = {
-            "self_attn.q_proj.weight": (q, h),
-            "self_attn.q_proj.bias": (q,) if qkv_bias else None,
-            "self_attn.k_proj.weight": (kv, h),
-            "self_attn.k_proj.bias": (kv,) if qkv_bias else None,
-            "self_attn.v_proj.weight": (kv, h),
-            "self_attn.v_proj.bias": (kv,) if qkv_bias else None,
-            "self_attn.o_proj.weight": (h, q),
-            "self_attn.o_proj.bias": (h,) if o_bias else None,
-            "self_attn.q_norm.weight": (hd,) if family.qk_norm else None,
-            "self_attn.k_norm.weight": (hd,) if family.qk_norm else None,
-            "mlp.gate_proj.weight": (i, h),
-            "mlp.gate_proj.bias": (i,) if mlp_bias else None,
-            "mlp.up_proj.weight": (i, h),
-            "mlp.up_proj.bias": (i,) if mlp_bias else None,
-            "mlp.down_proj.weight": (h, i),
-            "mlp.down_proj.bias": (h,) if mlp_bias else None,
-            "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,),
-        }
-        shapes.update({p + k: s for k, s in attn.items() if s is not None})
-    shapes["model.norm.weight"] = (h,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    return shapes
-
-
 def _hf_name(gguf_name: str, family: Family) -> str | None:
     """Maps a llama.cpp tensor name to its Hugging Face parameter name (None if unknown)."""
     if mb := _BLOCK_RE.fullmatch(gguf_name):
@@ -708,8 +662,8 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     meta, arch, tensors, shapes, config = _read_config(reader, p)
 
     # Map and validate every tensor before the (slow) dequantization.
-    expected = _expected_shapes(config)
     family = family_for_model_type(config.model_type)
+    expected = family.expected_shapes(config)
     hf_to_gguf: dict[str, str] = {}
     unknown: list[str] = []
     for name in tensors:

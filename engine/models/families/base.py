@@ -131,6 +131,45 @@ class Family:
         """Family-specific fields of the transformers config built from a GGUF file's metadata and tensors."""
         return {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
 
+    def expected_shapes(self, hf_config) -> dict[str, tuple[int, ...]]:
+        """Every parameter of the transformers ``*ForCausalLM`` for ``hf_config``: name -> shape, in registration order.
+
+        Llama-shaped layers here; a family with other layers (fused projections, extra norms) overrides it.
+        The GGUF reader checks a file's tensors against it before dequantizing anything.
+        """
+        h, i, v = hf_config.hidden_size, hf_config.intermediate_size, hf_config.vocab_size
+        hd = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+        q = hf_config.num_attention_heads * hd
+        kv = (getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads) * hd
+        b = self.biases(hf_config)
+        layer: dict[str, tuple[int, ...] | None] = {
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.q_proj.bias": (q,) if b.qkv else None,
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.k_proj.bias": (kv,) if b.qkv else None,
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.v_proj.bias": (kv,) if b.qkv else None,
+            "self_attn.o_proj.weight": (h, q),
+            "self_attn.o_proj.bias": (h,) if b.o else None,
+            "self_attn.q_norm.weight": (hd,) if self.qk_norm else None,
+            "self_attn.k_norm.weight": (hd,) if self.qk_norm else None,
+            "mlp.gate_proj.weight": (i, h),
+            "mlp.gate_proj.bias": (i,) if b.mlp else None,
+            "mlp.up_proj.weight": (i, h),
+            "mlp.up_proj.bias": (i,) if b.mlp else None,
+            "mlp.down_proj.weight": (h, i),
+            "mlp.down_proj.bias": (h,) if b.mlp else None,
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+        }
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+        for n in range(hf_config.num_hidden_layers):
+            shapes.update({f"model.layers.{n}.{k}": s for k, s in layer.items() if s is not None})
+        shapes["model.norm.weight"] = (h,)
+        if not getattr(hf_config, "tie_word_embeddings", False):
+            shapes["lm_head.weight"] = (v, h)
+        return shapes
+
     # ------------------------------------------------------------------ derived
 
     def config_type(self):
