@@ -6,6 +6,8 @@ Which implementation runs (PyTorch or Triton) is decided in :mod:`kernels.dispat
 from kernels.attention import attention, build_attention_mask
 from kernels.cross_entropy import fused_linear_cross_entropy
 from kernels.dispatch import describe_backends, select_backend
+from kernels.geglu import geglu
+from kernels.glu import glu_activation
 from kernels.lora_linear import lora_linear
 from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from kernels.rms_norm import rms_norm
@@ -19,6 +21,8 @@ __all__ = [
     "build_attention_mask",
     "describe_backends",
     "fused_linear_cross_entropy",
+    "geglu",
+    "glu_activation",
     "linear_token_log_probs",
     "lora_linear",
     "nf4_dequantize",

@@ -45,7 +45,10 @@ TRITON_OPS: frozenset[str] = frozenset(
 )
 
 #: Every op behind this dispatch point.
-OPS = ("rms_norm", "rope", "swiglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy", "token_log_probs")
+OPS = (
+    "rms_norm", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy",
+    "token_log_probs",
+)
 
 @dataclass(frozen=True)
 class SimulatedGPU:

@@ -1,4 +1,4 @@
-"""Fused LoRA autograd Functions for a decoder layer: Q/K/V (one shared input), O, and the whole SwiGLU MLP.
+"""Fused LoRA autograd Functions for a decoder layer: Q/K/V (one shared input), O, and the whole GLU MLP.
 
 Each projection ``i`` (a :class:`Projection`) has a frozen base ``W_i [out_i, in]`` (dense, or NF4 and
 dequantized on the fly), an optional frozen bias, an optional LoRA ``A_i [r, in]``, ``B_i [out_i, r]``,
@@ -11,8 +11,10 @@ scale ``s_i`` and dropout ``p_i`` on the LoRA branch only (as PEFT: each adapter
 :class:`LoRAProjectionsFunction` runs 1..n projections of one input (Q/K/V: 3, O: 1). ``dx`` is one buffer
 accumulated with ``addmm_``; the LoRA ``A`` of the projections without dropout are concatenated, so their
 ``xa``, ``dA`` and LoRA part of ``dx`` take one matmul each. :class:`LoRAMLPFunction` runs
-``y = down(silu(gate(x)) * up(x))``; its backward recomputes ``h = silu(g) * u`` (only when ``dA_down`` is
-needed) and applies the SwiGLU backward of :mod:`kernels.swiglu`::
+``y = down(act(gate(x)) * up(x))`` with the GLU activation named by ``activation`` (:mod:`kernels.glu`:
+``"silu"``, SwiGLU, the default; ``"gelu_tanh"``, GeGLU for Gemma); its backward recomputes ``h = act(g) * u``
+(only when ``dA_down`` is needed) and applies the matching backward (:mod:`kernels.swiglu` or
+:mod:`kernels.geglu`), e.g. for SwiGLU::
 
     dh = dy @ W_d (+ LoRA of down)    du = dh * silu(g)    dg = dh * u * sig(g) * (1 + g * (1 - sig(g)))
 
@@ -57,7 +59,7 @@ from kernels.dispatch import select_backend
 from kernels.errors import ConfigurationError
 from kernels.lora_linear import lora_linear_reference
 from kernels.nf4 import NF4Weight, nf4_dequantize
-from kernels.swiglu import swiglu, swiglu_backward, swiglu_reference
+from kernels.glu import glu_ops
 
 __all__ = [  # noqa: RUF022 (grouped by role)
     "DequantWorkspace", "Projection", "LoRAProjectionsFunction", "LoRAQKVFunction", "LoRAMLPFunction",
@@ -256,7 +258,8 @@ def lora_grads_needed(ctx, n: int, first: int = 3) -> tuple[list[bool], list[boo
 def _needs_dh(ctx) -> bool:
     """Whether the MLP backward needs ``dh`` (for ``dx`` or a gate/up LoRA gradient)."""
     flags = ctx.needs_input_grad
-    return flags[0] or any(flags[3:9:3]) or any(flags[4:9:3])
+    first = _MLP_FIRST_TENSOR
+    return flags[0] or any(flags[first : first + 6 : 3]) or any(flags[first + 1 : first + 6 : 3])
 
 
 def _if(t: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
@@ -300,22 +303,28 @@ class LoRAProjectionsFunction(torch.autograd.Function):
 LoRAQKVFunction = LoRAProjectionsFunction
 
 
-class LoRAMLPFunction(torch.autograd.Function):
-    """``y = down(silu(gate(x)) * up(x))`` with LoRA on each; see the module docstring.
+#: Index of the first LoRA tensor among :class:`LoRAMLPFunction`'s arguments (after x, projs, workspace, activation).
+_MLP_FIRST_TENSOR = 4
 
-    ``forward(x, (gate, up, down), workspace, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)``. Saves ``x``,
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """``y = down(act(gate(x)) * up(x))`` with LoRA on each; see the module docstring.
+
+    ``forward(x, (gate, up, down), workspace, activation, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)``;
+    ``activation`` is a name of :data:`kernels.glu.GLU_ACTIVATIONS` (``"silu"``, ``"gelu_tanh"``). Saves ``x``,
     ``g``, ``u``, the ``xa``'s and masks, not ``h`` (recomputed from ``g`` and ``u`` when ``dA_down`` needs it).
     """
 
     @staticmethod
-    def forward(ctx, x, projs, workspace, *tensors):
+    def forward(ctx, x, projs, workspace, activation, *tensors):
+        act = glu_ops(activation)
         masks = tensors[2::3]
         (g, u), xas_gu = _shared_forward(x, projs[:2], masks[:2], workspace)
-        h = swiglu(g, u)
+        h = act.forward(g, u)
         (y,), (xa_d,) = _shared_forward(h, projs[2:], masks[2:], workspace)
-        need_a, need_b = lora_grads_needed(ctx, 3)
+        need_a, need_b = lora_grads_needed(ctx, 3, first=_MLP_FIRST_TENSOR)
         need_gu = _needs_dh(ctx) or need_a[2]  # for dg/du, or to recompute h for dA_down
-        ctx.projs, ctx.workspace = projs, workspace
+        ctx.projs, ctx.workspace, ctx.act = projs, workspace, act
         ctx.save_for_backward(
             _if(x, any(need_a[:2])), _if(g, need_gu), _if(u, need_gu), *tensors, *map(_if, [*xas_gu, xa_d], need_b)
         )
@@ -327,9 +336,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         x, g, u, *rest = ctx.saved_tensors
         masks, xas = rest[2:9:3], rest[9:]
         gate, up, down = ctx.projs
-        need_a, need_b = lora_grads_needed(ctx, 3)
+        need_a, need_b = lora_grads_needed(ctx, 3, first=_MLP_FIRST_TENSOR)
         need_dh = _needs_dh(ctx)
-        h = swiglu(g, u) if need_a[2] and down.has_lora else None  # recomputed, never saved
+        h = ctx.act.forward(g, u) if need_a[2] and down.has_lora else None  # recomputed, never saved
         dh, grads_d = _shared_backward(
             h, [dy], [down], xas[2:], masks[2:], ctx.workspace, need_dh, need_a[2:], need_b[2:]
         )
@@ -337,13 +346,13 @@ class LoRAMLPFunction(torch.autograd.Function):
         grads_gu = [(None, None)] * 2
         dx = None
         if need_dh:
-            dg, du = swiglu_backward(dh, g, u)
+            dg, du = ctx.act.backward(dh, g, u)
             del dh
             dx, grads_gu = _shared_backward(
                 x, [dg, du], [gate, up], xas[:2], masks[:2], ctx.workspace,
                 ctx.needs_input_grad[0], need_a[:2], need_b[:2],
             )
-        return dx, None, None, *_flat_grads(grads_gu + grads_d)
+        return dx, None, None, None, *_flat_grads(grads_gu + grads_d)
 
 
 # --------------------------------------------------------------------------- public API
@@ -415,12 +424,20 @@ def lora_mlp(
     workspace: DequantWorkspace | None = None,
     training: bool = False,
     generator: torch.Generator | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]``."""
+    """GLU MLP ``down(act(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]``.
+
+    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`kernels.glu`.
+
+    Raises:
+        ConfigurationError: an unknown ``activation``.
+    """
+    glu_ops(activation)  # an unknown name fails here, before any work
     projections = (gate, up, down)
     x2, tensors = prepare_inputs(x, projections, training, generator)
     # The down mask covers h [..., inter]: dropout_masks drew it with down.in_features columns.
-    return from_2d(LoRAMLPFunction.apply(x2, projections, workspace, *tensors), x)
+    return from_2d(LoRAMLPFunction.apply(x2, projections, workspace, activation, *tensors), x)
 
 
 # --------------------------------------------------------------------------- autograd oracles
@@ -440,7 +457,8 @@ def reference_o(x, o, mask=None):
     return _reference(x, o, mask)
 
 
-def reference_mlp(x, gate, up, down, masks=(None, None, None)):
-    """Plain-autograd composition of :func:`lora_mlp`: two LoRA linears, ``swiglu_reference``, one more."""
-    h = swiglu_reference(_reference(x, gate, masks[0]), _reference(x, up, masks[1]))
+def reference_mlp(x, gate, up, down, masks=(None, None, None), activation="silu"):
+    """Plain-autograd composition of :func:`lora_mlp`: two LoRA linears, the activation's reference
+    (``swiglu_reference`` or ``geglu_reference``), one more LoRA linear."""
+    h = glu_ops(activation).reference(_reference(x, gate, masks[0]), _reference(x, up, masks[1]))
     return _reference(h, down, masks[2])

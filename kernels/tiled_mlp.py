@@ -1,19 +1,20 @@
-"""The fused LoRA SwiGLU MLP computed in tiles of rows, forward and backward ("tiled MLP").
+"""The fused LoRA GLU MLP (SwiGLU or GeGLU) computed in tiles of rows, forward and backward ("tiled MLP").
 
 Same math as :class:`~kernels.lora_fused.LoRAMLPFunction` (see :mod:`kernels.lora_fused`), applied to
 ``x [N, d]`` one tile of ``T`` rows at a time (the MLP is row-wise: row ``i`` of ``y`` depends on row ``i`` of
 ``x`` only)::
 
-    y[t] = down(silu(gate(x[t])) * up(x[t]))                     for each tile t = rows [k T, (k + 1) T)
+    y[t] = down(act(gate(x[t])) * up(x[t]))                      for each tile t = rows [k T, (k + 1) T)
     dx[t] = d y[t] / d x[t] (dy[t])        dA_i = sum_t dA_i[t]        dB_i = sum_t dB_i[t]
 
 Forward runs each tile through ``LoRAMLPFunction`` without autograd and writes its rows into one
 preallocated ``y [N, d_out]``. Backward recomputes each tile's forward *with* autograd (the fused Function,
-so its own backward: ``h`` recomputed, SwiGLU backward, NF4 re-dequantized), takes
+so its own backward: ``h`` recomputed, the activation's backward, NF4 re-dequantized), takes
 ``torch.autograd.grad(y[t], [x[t], A_i, B_i], dy[t])``, writes ``dx[t]`` into one preallocated ``dx [N, d]``
 and accumulates the LoRA gradients over the tiles in fp32 (cast to the parameters' dtype at the end).
 LoRA dropout masks are drawn once for the whole ``x`` (as :func:`~kernels.lora_fused.lora_mlp` draws them,
-so the same generator state gives the same masks and the same result) and sliced per tile.
+so the same generator state gives the same masks and the same result) and sliced per tile. The activation
+(``"silu"``: SwiGLU, default; ``"gelu_tanh"``: GeGLU) is passed through to every tile (:mod:`kernels.glu`).
 
 Saved for backward: ``x [N, d]``, the dropout masks (bool ``[N, d]``, ``[N, d]``, ``[N, inter]``, only with
 ``p > 0``) and the LoRA ``A``/``B`` (parameters, referenced). Nothing of width ``intermediate``: the untiled
@@ -51,6 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels.errors import ConfigurationError
+from kernels.glu import glu_ops
 from kernels.lora_fused import (
     DequantWorkspace,
     LoRAMLPFunction,
@@ -130,16 +132,20 @@ def _tile(tensors, start: int, stop: int, detach: bool = False) -> list[torch.Te
     return out
 
 
-class TiledMLPFunction(torch.autograd.Function):
-    """``y = down(silu(gate(x)) * up(x))`` over ``x [N, d]`` in tiles of ``tile_rows`` rows; see the module docstring.
+#: Index of the first LoRA tensor among :class:`TiledMLPFunction`'s arguments.
+_FIRST_TENSOR = 5
 
-    ``forward(x, (gate, up, down), workspace, tile_rows, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)`` (the
-    arguments of :class:`~kernels.lora_fused.LoRAMLPFunction` plus ``tile_rows``; masks ``[N, in_i]`` or ``None``)
-    returns ``y [N, d_out]``. Saves ``x``, the masks and the LoRA A/B; no ``[N, intermediate]`` tensor.
+
+class TiledMLPFunction(torch.autograd.Function):
+    """``y = down(act(gate(x)) * up(x))`` over ``x [N, d]`` in tiles of ``tile_rows`` rows; see the module docstring.
+
+    ``forward(x, (gate, up, down), workspace, tile_rows, activation, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)``
+    (the arguments of :class:`~kernels.lora_fused.LoRAMLPFunction` plus ``tile_rows``; masks ``[N, in_i]`` or
+    ``None``) returns ``y [N, d_out]``. Saves ``x``, the masks and the LoRA A/B; no ``[N, intermediate]`` tensor.
     """
 
     @staticmethod
-    def forward(ctx, x, projs, workspace, tile_rows, *tensors):
+    def forward(ctx, x, projs, workspace, tile_rows, activation, *tensors):
         n = x.shape[0]
         y = None
         with torch.no_grad():
@@ -147,12 +153,12 @@ class TiledMLPFunction(torch.autograd.Function):
                 stop = min(start + tile_rows, n)
                 # Detached x and A/B: the inner Function sees nothing requiring grad and keeps nothing.
                 x_t = x[start:stop].detach()
-                y_t = LoRAMLPFunction.apply(x_t, projs, workspace, *_tile(tensors, start, stop, True))
+                y_t = LoRAMLPFunction.apply(x_t, projs, workspace, activation, *_tile(tensors, start, stop, True))
                 if y is None:
                     y = y_t.new_empty((n, y_t.shape[1]))
                 y[start:stop] = y_t
                 del y_t  # this tile's g, u, h are already gone with the inner Function's ctx
-        ctx.projs, ctx.workspace, ctx.tile_rows = projs, workspace, tile_rows
+        ctx.projs, ctx.workspace, ctx.tile_rows, ctx.activation = projs, workspace, tile_rows, activation
         ctx.save_for_backward(x, *tensors)
         return y
 
@@ -161,7 +167,7 @@ class TiledMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, *tensors = ctx.saved_tensors
         need_dx = ctx.needs_input_grad[0]
-        need_a, need_b = lora_grads_needed(ctx, 3, first=4)
+        need_a, need_b = lora_grads_needed(ctx, 3, first=_FIRST_TENSOR)
         need = [flag for i in range(3) for flag in (need_a[i], need_b[i], False)]  # per flat tensor
         n, tile_rows = x.shape[0], ctx.tile_rows
         dx = torch.empty_like(x) if need_dx else None
@@ -174,7 +180,7 @@ class TiledMLPFunction(torch.autograd.Function):
                 for k, flag in enumerate(need):
                     if flag:
                         flat[k] = flat[k].requires_grad_(True)  # a fresh leaf (detached view of the parameter)
-                y_t = LoRAMLPFunction.apply(x_t, ctx.projs, ctx.workspace, *flat)
+                y_t = LoRAMLPFunction.apply(x_t, ctx.projs, ctx.workspace, ctx.activation, *flat)
                 inputs = ([x_t] if need_dx else []) + [flat[k] for k, flag in enumerate(need) if flag]
                 grads = list(torch.autograd.grad(y_t, inputs, dy[start:stop]))
             del y_t  # frees the recomputed g, u of this tile
@@ -185,7 +191,7 @@ class TiledMLPFunction(torch.autograd.Function):
                     g = grads.pop(0)
                     acc[k] = g.float() if acc[k] is None else acc[k].add_(g)
         flat_grads = [None if g is None else g.to(t.dtype) for g, t in zip(acc, tensors)]
-        return dx, None, None, None, *flat_grads
+        return dx, None, None, None, None, *flat_grads
 
 
 def tiled_lora_mlp(
@@ -197,23 +203,26 @@ def tiled_lora_mlp(
     training: bool = False,
     generator: torch.Generator | None = None,
     tile_rows: int | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """SwiGLU MLP ``down(silu(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]`` in tiles of rows.
+    """GLU MLP ``down(act(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]`` in tiles of rows.
 
     Same arguments and result as :func:`~kernels.lora_fused.lora_mlp` (same dropout masks for the same
     ``generator`` state), with ``tile_rows`` rows per tile (``None``: :func:`default_tile_rows` of ``d`` and the
     gate's output width). Base weights must be frozen (dense or NF4), with or without LoRA; full fine-tuning is
     not tiled. When ``x`` has at most ``tile_rows`` rows this is :func:`~kernels.lora_fused.lora_mlp` itself.
+    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`kernels.glu`.
 
     Raises:
-        ConfigurationError: ``tile_rows`` is not a positive int.
+        ConfigurationError: ``tile_rows`` is not a positive int, or an unknown ``activation``.
     """
+    glu_ops(activation)
     if tile_rows is None:
         tile_rows = default_tile_rows(x.shape[-1], gate.weight.shape[0])
     tile_rows = _check_tile_rows(tile_rows)
     rows = math.prod(x.shape[:-1])
     if rows <= tile_rows:
-        return lora_mlp(x, gate, up, down, workspace, training, generator)
+        return lora_mlp(x, gate, up, down, workspace, training, generator, activation)
     projections = (gate, up, down)
     x2, tensors = prepare_inputs(x, projections, training, generator)  # masks drawn once for all rows
-    return from_2d(TiledMLPFunction.apply(x2, projections, workspace, tile_rows, *tensors), x)
+    return from_2d(TiledMLPFunction.apply(x2, projections, workspace, tile_rows, activation, *tensors), x)

@@ -121,6 +121,38 @@ def test_lora_mlp_matches_reference(lora, p, bias, base, dtype):
     _check(out, ref, projs, ref_projs, x, xr, ("gate", "up", "down"), dtype)
 
 
+def _geglu_reference_mlp(x, gate, up, down, masks=(None, None, None)):
+    return reference_mlp(x, gate, up, down, masks, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("p", DROPOUTS)
+@pytest.mark.parametrize("lora", ["all", "gate_only", "none"])
+def test_lora_mlp_geglu_matches_reference(lora, p, base, dtype):
+    """``activation="gelu_tanh"`` (Gemma): GeGLU forward and backward, never the SwiGLU ones."""
+    shapes = ((INTER, D), (INTER, D), (D, INTER))
+    projs = [lora_projection(o, i, base, dtype, 30 + k, f, True, p)
+             for k, ((o, i), f) in enumerate(zip(shapes, MLP_LORA[lora]))]
+    x0 = torch.randn(N, D, generator=torch.Generator().manual_seed(4))
+    with record_backends() as used:
+        out, ref, ref_projs, x, xr, _ = _run(lora_mlp, _geglu_reference_mlp, x0, projs, dtype, training=True,
+                                             activation="gelu_tanh")
+        _check(out, ref, projs, ref_projs, x, xr, ("gate", "up", "down"), dtype)
+    assert out.grad_fn._forward_cls is LoRAMLPFunction
+    assert used["geglu"] == {"torch"} and "swiglu" not in used
+    silu = lora_mlp(x0.to(dtype), *projs, activation="silu")
+    assert not torch.allclose(out.detach().float(), silu.float(), atol=1e-3)  # the activation really differs
+
+
+def test_lora_mlp_unknown_activation_is_an_error():
+    projs = [lora_projection(o, i, "dense", torch.float32, 30 + k) for k, (o, i) in enumerate(((INTER, D), (INTER, D), (D, INTER)))]
+    with pytest.raises(ConfigurationError, match="unknown GLU activation 'gelu'.*'silu', 'gelu_tanh'"):
+        lora_mlp(torch.randn(N, D), *projs, activation="gelu")
+    with pytest.raises(ConfigurationError, match="'silu', 'gelu_tanh'"):
+        reference_mlp(torch.randn(N, D), *projs, activation="relu")
+
+
 def test_dropout_masks_used_only_when_training():
     projs = [lora_projection(o, D, "dense", torch.float32, 40 + i, p=0.3) for i, o in enumerate((Q, KV, KV))]
     x0 = torch.randn(N, D)

@@ -1,4 +1,4 @@
-"""The tiled LoRA SwiGLU MLP (:mod:`kernels.tiled_mlp`) against the untiled fused :func:`lora_mlp`.
+"""The tiled LoRA GLU MLP (SwiGLU, GeGLU) (:mod:`kernels.tiled_mlp`) against the untiled fused :func:`lora_mlp`.
 
 Odd sizes: hidden 80, intermediate 136 (and 56), rank 4; 1, 7, 33 and 100 rows in tiles of 8 or 16, so most
 runs end with a partial tile. Tolerances and helpers: :mod:`tests.kernels.op_testing`.
@@ -13,7 +13,7 @@ import torch
 
 from kernels.dispatch import record_backends
 from kernels.errors import ConfigurationError
-from kernels.lora_fused import DequantWorkspace, LoRAMLPFunction, Projection, dropout_masks, lora_mlp
+from kernels.lora_fused import DequantWorkspace, LoRAMLPFunction, Projection, dropout_masks, lora_mlp, reference_mlp
 from kernels.tiled_mlp import (
     DEFAULT_TILE_ROWS,
     TiledMLPFunction,
@@ -45,13 +45,14 @@ def _lora_tensors(projs):
     return [t for p in projs if p.has_lora for t in (p.lora_a, p.lora_b)]
 
 
-def _compare(x0, projs, dtype, tile_rows, x_grad=True, training=True, workspace=None):
+def _compare(x0, projs, dtype, tile_rows, x_grad=True, training=True, workspace=None, activation="silu"):
     """Tiled and untiled runs with the same generator seed (same dropout masks); every output and gradient."""
     ref_projs = [_twin(p) for p in projs]
     x, xr = leaf(x0.to(dtype), x_grad), leaf(x0.to(dtype), x_grad)
     y = tiled_lora_mlp(x, *projs, workspace=workspace, training=training,
-                       generator=torch.Generator().manual_seed(77), tile_rows=tile_rows)
-    yr = lora_mlp(xr, *ref_projs, training=training, generator=torch.Generator().manual_seed(77))
+                       generator=torch.Generator().manual_seed(77), tile_rows=tile_rows, activation=activation)
+    yr = lora_mlp(xr, *ref_projs, training=training, generator=torch.Generator().manual_seed(77),
+                  activation=activation)
     assert y.dtype == dtype and y.shape == yr.shape
     assert_close(y, yr, dtype, "y", reduction=True)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
@@ -75,6 +76,31 @@ def test_tiled_equals_untiled(x_grad, n, tile_rows, p, base, dtype):
     y = _compare(x0, projs, dtype, tile_rows, x_grad)
     # At most one tile: the untiled Function itself; more: the tiled one.
     assert y.grad_fn._forward_cls is (TiledMLPFunction if n > tile_rows else LoRAMLPFunction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "tile_rows"), ROWS[1:3])
+def test_tiled_geglu_equals_untiled_and_reference(n, tile_rows, dtype):
+    """``activation="gelu_tanh"`` (Gemma) goes to every tile: tiled == untiled == the plain-autograd reference."""
+    projs = _mlp("nf4", dtype, 0.3)
+    x0 = torch.randn(n, D, generator=torch.Generator().manual_seed(4))
+    with record_backends() as used:
+        y = _compare(x0, projs, dtype, tile_rows, activation="gelu_tanh")
+    assert used["geglu"] == {"torch"} and "swiglu" not in used
+    assert y.grad_fn._forward_cls is (TiledMLPFunction if n > tile_rows else LoRAMLPFunction)
+    xr = leaf(x0.to(dtype))
+    ref_projs = [_twin(p) for p in projs]
+    masks = dropout_masks(xr, projs, True, torch.Generator().manual_seed(77))
+    yr = reference_mlp(xr, *ref_projs, masks, activation="gelu_tanh")
+    assert_close(y, yr, dtype, "y_vs_reference", reduction=True)
+    silu = tiled_lora_mlp(x0.to(dtype), *projs, training=True, generator=torch.Generator().manual_seed(77),
+                          tile_rows=tile_rows)
+    assert not torch.allclose(y.detach().float(), silu.float(), atol=1e-3)
+
+
+def test_tiled_unknown_activation_is_an_error():
+    with pytest.raises(ConfigurationError, match="'silu', 'gelu_tanh'"):
+        tiled_lora_mlp(torch.randn(33, D), *_mlp("dense", torch.float32), tile_rows=8, activation="gelu")
 
 
 @pytest.mark.parametrize("lora", [(False, False, True), (True, False, False), (False, False, False)],
@@ -126,9 +152,9 @@ def test_frozen_input_and_frozen_adapter_get_no_gradient():
     projs[0].lora_b.requires_grad_(False)
     y = tiled_lora_mlp(torch.randn(33, D), *projs, tile_rows=8)
     returned = y.grad_fn.apply(torch.ones_like(y))
-    # (dx, projs, workspace, tile_rows, dA_g, dB_g, m_g, dA_u, dB_u, m_u, dA_d, dB_d, m_d)
-    assert [r is None for r in returned] == [True] * 6 + [True, False, False, True, False, False, True]
-    assert returned[7].shape == (R, D) and returned[11].shape == (D, R) and returned[7].dtype == torch.float32
+    # (dx, projs, workspace, tile_rows, activation, dA_g, dB_g, m_g, dA_u, dB_u, m_u, dA_d, dB_d, m_d)
+    assert [r is None for r in returned] == [True] * 7 + [True, False, False, True, False, False, True]
+    assert returned[8].shape == (R, D) and returned[12].shape == (D, R) and returned[8].dtype == torch.float32
 
 
 def _saved_bytes(saved):
