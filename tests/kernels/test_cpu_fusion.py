@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_fusion, rms_norm, rope, swiglu
+from kernels import cpu_fusion, geglu, rms_norm, rope, swiglu
 from kernels.cross_entropy import _torch_rows, fused_linear_cross_entropy
+from kernels.geglu import _geglu_forward, geglu_backward_torch
 from kernels.rms_norm import _rms_backward_dw, _rms_backward_dx, _rms_forward
 from kernels.rope import _rotate, _unrotate
 from kernels.swiglu import _swiglu_forward, swiglu_backward_torch
 from tests.kernels.op_testing import assert_close, grads, leaf
 
 FUSED = (_rms_forward, _rms_backward_dx, _rms_backward_dw, _swiglu_forward, swiglu_backward_torch, _rotate, _unrotate,
-         _torch_rows)
+         _torch_rows, _geglu_forward, geglu_backward_torch)
 
 
 @pytest.fixture
@@ -35,8 +36,11 @@ def _ops(dtype):
 
     x, w = leaf(r(37, 96)), leaf(r(96))
     y = rms_norm(x, w, 1e-5)
+    x2, w2 = leaf(r(37, 96)), leaf(r(96, scale=0.3))
+    y2 = rms_norm(x2, w2, 1e-6, offset=1.0)  # Gemma's rule
     gate, up = leaf(r(37, 160)), leaf(r(37, 160))
     h = swiglu(gate, up)
+    h2 = geglu(gate, up)
     q, k = leaf(r(1, 37, 4, 16)), leaf(r(1, 37, 2, 16))
     ang = torch.arange(37)[:, None] * torch.linspace(0.01, 1.0, 8)[None]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[None, :, None].to(dtype)
@@ -46,9 +50,9 @@ def _ops(dtype):
     labels = torch.randint(0, 301, (37,), generator=g)
     labels[::5] = -100
     loss = fused_linear_cross_entropy(hid, head, labels)
-    outs = [y, h, qo, ko, loss]
+    outs = [y, y2, h, h2, qo, ko, loss]
     douts = [r(*o.shape) for o in outs[:-1]] + [torch.ones((), dtype=loss.dtype)]
-    ins = [x, w, gate, up, q, k, hid]
+    ins = [x, w, x2, w2, gate, up, q, k, hid]
     return outs, grads(outs, ins, douts)
 
 

@@ -87,3 +87,46 @@ def test_triton_rms_norm_mixed_dtypes(triton_backend):
     y, yr = rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6)
     assert y.dtype == yr.dtype == torch.float32
     assert_close(y, yr, torch.bfloat16 if y.device.type == "cpu" else torch.float32, "rms_norm.y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 80), (37, 576), (2, 3, 256), (5, 4100)], ids=lambda s: "x".join(map(str, s)))
+def test_triton_rms_norm_gemma_offset_matches_torch_path(triton_backend, shape, dtype, monkeypatch):
+    """offset=1 (Gemma, ``HAS_OFFSET``): the Triton kernels against the PyTorch path and the reference, forward,
+    ``dx`` and ``dw``; both backward variants (4100 columns: the two-step one)."""
+    gen = torch.Generator().manual_seed(3)
+    device = triton_backend
+    x0 = torch.randn(shape, generator=gen) * 3.0 + 0.5
+    w0 = 0.3 * torch.randn(shape[-1], generator=gen)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
+    x, w = leaf(x0.to(device, dtype)), leaf(w0.to(device, dtype))
+    xr, wr = leaf(x0.to(device, dtype)), leaf(w0.to(device, dtype))
+    with record_backends() as used:
+        y = rms_norm(x, w, 1e-6, offset=1.0)
+    assert used == {"rms_norm": {"triton"}}
+    assert y.grad_fn._forward_cls is RMSNormTritonFunction and y.dtype == dtype
+    got = grads(y, [x, w], dy)
+    monkeypatch.setenv("ENGINE_KERNELS", "torch")
+    yt = rms_norm(xr, wr, 1e-6, offset=1.0)
+    want = grads(yt, [xr, wr], dy)
+    assert_close(y, yt, dtype, "gemma_rms_norm.y")
+    assert_close(y, rms_norm_reference(xr.detach(), wr.detach(), 1e-6, offset=1.0), dtype, "gemma_rms_norm.y_ref")
+    assert_close(got[0], want[0], dtype, "gemma_rms_norm.dx")
+    assert_close(got[1], want[1], dtype, "gemma_rms_norm.dw", reduction=True)
+
+
+def test_triton_rms_norm_gemma_fp32_weight_keeps_input_dtype(triton_backend):
+    """Gemma's rule casts to x's dtype even with an fp32 weight; dw comes back in the weight's dtype."""
+    device = triton_backend
+    gen = torch.Generator().manual_seed(4)
+    x = leaf(torch.randn(3, 80, generator=gen).to(device, torch.bfloat16))
+    w = leaf((0.2 * torch.randn(80, generator=gen)).to(device))
+    xr, wr = leaf(x.detach()), leaf(w.detach())
+    y, yr = rms_norm(x, w, 1e-6, offset=1.0), rms_norm_reference(xr, wr, 1e-6, offset=1.0)
+    assert y.dtype == yr.dtype == torch.bfloat16
+    assert_close(y, yr, torch.bfloat16, "gemma_rms_norm.y")
+    dy = torch.randn(3, 80, generator=gen).to(device, torch.bfloat16)
+    (dx, dw), (dxr, dwr) = grads(y, [x, w], dy), grads(yr, [xr, wr], dy)
+    assert dw.dtype == torch.float32
+    assert_close(dx, dxr, torch.bfloat16, "gemma_rms_norm.dx")
+    assert_close(dw, dwr, torch.float32, "gemma_rms_norm.dw", reduction=True)
