@@ -20,6 +20,7 @@ from engine.errors import CheckpointError, ConfigurationError
 from engine.loading.safetensors_loader import iter_safetensors, load_hf_config, safetensors_files
 from engine.loading.weights import load_weights
 from engine.models.config import model_args_from_hf_config
+from engine.models.families import family_for_model_type
 from engine.models.transformer import CausalLM
 from engine.modules import checkpointing
 from engine.modules.checkpointing import CheckpointChoice, CheckpointPolicy
@@ -82,6 +83,14 @@ def _resolve_source(model_name: str, token: str | None, revision: str | None) ->
             f"could not download {model_name!r} from the Hugging Face hub: {err}. Check the name, your network "
             "and your token, or pass a local folder / .gguf file instead."
         ) from err
+
+
+def _renamed(tensors, family):
+    """``(name, tensor)`` pairs under the family's names for the text model; tensors it skips are dropped."""
+    for name, tensor in tensors:
+        ours = family.checkpoint_name(name)
+        if ours is not None:
+            yield ours, tensor
 
 
 def _load_tokenizer(folder: Path):
@@ -154,8 +163,15 @@ class FastModel:
             tokenizer = load_gguf_tokenizer(source)
         elif source.is_dir():
             hf_config = load_hf_config(source)
-            model_args_from_hf_config(hf_config)  # architecture check before touching weights
+            family = family_for_model_type(getattr(hf_config, "model_type", None))
+            text_config = family.text_config(hf_config)
+            model_args_from_hf_config(text_config)  # architecture check before touching weights
             tensors = iter_safetensors(safetensors_files(source), device="cpu")
+            if text_config is not hf_config:
+                print(f"engine: {source.name} is a multimodal {hf_config.model_type} checkpoint; loading its text "
+                      "model only (the vision tower is skipped)")
+                tensors = _renamed(tensors, family)
+                hf_config = text_config
             tokenizer = _load_tokenizer(source) if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file() else None
         else:
             raise CheckpointError(f"{source} is neither a model folder nor a .gguf file")

@@ -50,6 +50,20 @@ FAMILY_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**_COMMON, sliding_window=6, tie_word_embeddings=False),
     "qwen2": lambda: transformers.Qwen2Config(**_COMMON, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**{**_COMMON, "num_attention_heads": 3, "num_key_value_heads": 1}, head_dim=24, tie_word_embeddings=True),
+    # Gemma: explicit head_dim unlike hidden / heads; query_pre_attn_scalar = head_dim (what llama.cpp assumes);
+    # soft-caps small enough that tanh bends the tiny model's scores and logits.
+    "gemma": lambda: transformers.GemmaConfig(**_COMMON, head_dim=24, hidden_act="gelu_pytorch_tanh",
+                                              tie_word_embeddings=True),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_COMMON, head_dim=24, query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=3.0,
+        final_logit_softcapping=2.5, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+    ),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **_COMMON, head_dim=24, query_pre_attn_scalar=24, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+    ),
 }
 
 
@@ -58,6 +72,10 @@ def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     config = FAMILY_CONFIGS[family]()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # norms initialise to a constant; random ones make the norm math visible
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape) * 0.2)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ import transformers
 from peft import PeftModel
 
 from engine import FastModel
+from engine.models.families import family_for_model_type
 from engine.peft import lora_modules
 from tests.conftest import make_hf_model
 from tests.test_parity import assert_close_rel
@@ -26,7 +27,7 @@ def _trained_lora_model(folder, family="llama", dtype=torch.float32):
     return FastModel.for_inference(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3"])
 def test_adapter_loads_in_peft_with_identical_logits(family, hf_folders, tmp_path):
     model = _trained_lora_model(hf_folders[family], family)
     model.save_pretrained(tmp_path / "adapter")
@@ -75,6 +76,17 @@ def test_merged_folder_loads_in_transformers(hf_folders, tmp_path, save_method, 
     assert_close_rel(from_hf, unmerged, rtol=rtol, what="merged vs adapter model")
     saved_dtype = json.loads((out / "config.json").read_text())["torch_dtype"]
     assert saved_dtype == str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
+def test_merged_gemma_folder_loads_in_transformers(hf_folders, tmp_path, family):
+    model = _trained_lora_model(hf_folders[family], family)
+    model.save_pretrained_merged(tmp_path / "merged", None, save_method="merged_32bit")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(hf).__name__ == family_for_model_type(model.args.model_type).causal_lm_class
+    ids = torch.randint(0, 200, (2, 10))
+    with torch.no_grad():
+        assert_close_rel(hf(ids).logits, model(ids).logits, what=f"{family} merged folder in transformers")
 
 
 def test_full_finetuned_model_saves_whole_folder(hf_folders, tmp_path):

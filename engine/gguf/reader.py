@@ -527,7 +527,11 @@ def _build_config(
         pad_token_id=token_id(Keys.Tokenizer.PAD_ID),
         architectures=[family.causal_lm_class],
     )
+    prefix = f"{arch}."
+    arch_meta = {k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)}
     kwargs.update(family.gguf_config_fields(
+        kwargs,
+        arch_meta,
         attention_bias=any(has_block_tensor(b, "bias") for b in ("attn_q", "attn_k", "attn_v", "attn_output")),
         mlp_bias=any(has_block_tensor(b, "bias") for b in ("ffn_gate", "ffn_up", "ffn_down")),
         sliding_window=m.get_int(Keys.Attention.SLIDING_WINDOW),
@@ -698,6 +702,8 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     state_dict: dict[str, torch.Tensor] = {}
     for hf, want in expected.items():
         arr = _dequantize(tensors[hf_to_gguf[hf]], want, p)
+        if family.gguf_norm_shift and hf.endswith("norm.weight"):
+            arr = arr - np.float32(family.gguf_norm_shift)  # stored as w + shift (Gemma's 1 + w)
         if permute and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
             n = config.num_attention_heads if ".q_proj." in hf else config.num_key_value_heads
             arr = _unpermute_rows(arr, n)
@@ -732,7 +738,7 @@ def _chat_templates(reader: GGUFReader) -> str | dict[str, str] | None:
 def load_gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """Builds the Hugging Face tokenizer described by a GGUF file's tokenizer metadata.
 
-    Uses ``transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)``
+    Uses ``transformers.PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)``
     (which rebuilds a fast tokenizer from ``tokenizer.ggml.*``) and makes sure
     the file's ``tokenizer.chat_template`` (and any named templates) is set.
 
@@ -748,7 +754,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedToken
     """
     p = _check_gguf_path(path)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        # The tokenizer class directly, not AutoTokenizer: AutoTokenizer first builds a model config from the file
+        # and refuses architectures transformers cannot load (gemma); the tokenizer is built the same way.
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as e:
         raise CheckpointError(
             f"cannot build a tokenizer from {p} ({type(e).__name__}: {e}). The file needs llama.cpp tokenizer "

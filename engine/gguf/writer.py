@@ -304,6 +304,10 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
     def param(p: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: p.detach().float()
 
+    def norm(p: torch.Tensor) -> Callable[[], torch.Tensor]:
+        # Gemma: llama.cpp scales by the stored weight where transformers scales by 1 + w.
+        return lambda: p.detach().float() + family.gguf_norm_shift
+
     emb = model.model.embed_tokens.weight
     yield _tname(MODEL_TENSOR.TOKEN_EMBD), tuple(emb.shape), param(emb)
     params = _rope_params(model)
@@ -321,9 +325,9 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
                 heads = permuted_heads.get(module_path) if family.gguf_permutes_qk else None
                 yield from linear(name, mod, heads)
             else:
-                yield name + ".weight", tuple(mod.weight.shape), param(mod.weight)
+                yield name + ".weight", tuple(mod.weight.shape), norm(mod.weight)
     n = model.model.norm.weight
-    yield _tname(MODEL_TENSOR.OUTPUT_NORM), tuple(n.shape), param(n)
+    yield _tname(MODEL_TENSOR.OUTPUT_NORM), tuple(n.shape), norm(n)
     if not args.tie_word_embeddings:
         yield _tname(MODEL_TENSOR.OUTPUT), tuple(model.lm_head.weight.shape), lambda: model.lm_head.merged_weight()
 
@@ -405,6 +409,44 @@ def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
     windows = {w for w in args.sliding_windows if w is not None}
     if windows and family.gguf_sliding_window:
         writer.add_sliding_window(int(max(windows)))
+        if family.gguf_sliding_window_pattern:
+            writer.add_sliding_window_pattern([w is not None for w in args.sliding_windows])
+    if args.local_inv_freq is not None:
+        local = rope_parameters(model.hf_config, "sliding_attention")
+        if local.get("rope_type", "default") != "default":
+            raise UnsupportedArchitectureError(
+                f"the sliding-window layers' RoPE scaling {local.get('rope_type')!r} cannot be written to GGUF "
+                "(llama.cpp scales only the global layers)"
+            )
+        writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+    if args.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(float(args.attn_softcap))
+    if args.final_softcap is not None:
+        writer.add_final_logit_softcapping(float(args.final_softcap))
+    if args.attention_scale is not None:
+        _check_attention_scale(model, family)
+
+
+#: llama.cpp's Gemma 2/3 graphs do not read ``query_pre_attn_scalar``: they scale queries by ``head_dim ** -0.5``,
+#: except for the 27B models (recognised by their layer count) where it is ``(hidden / heads) ** -0.5``.
+_LLAMA_CPP_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _check_attention_scale(model, family: Family) -> None:
+    """Raise when llama.cpp would scale attention scores differently from the model (see above)."""
+    args = model.args
+    if args.num_layers == _LLAMA_CPP_27B_LAYERS.get(family.gguf_architecture):
+        expected = (args.hidden_size / args.num_heads) ** -0.5
+    else:
+        expected = args.head_dim**-0.5
+    if not math.isclose(args.attention_scale, expected, rel_tol=1e-6):
+        raise UnsupportedArchitectureError(
+            f"this model scales attention scores by {args.attention_scale:.6g} (query_pre_attn_scalar="
+            f"{args.attention_scale ** -2:.6g}), but llama.cpp's {family.gguf_architecture} graph uses "
+            f"{expected:.6g} for a model of this shape, so the GGUF file would compute different outputs. Export "
+            "a model whose query_pre_attn_scalar equals head_dim (every released Gemma 2/3 except 27B, where it "
+            "is hidden_size / num_attention_heads)."
+        )
 
 
 def _pre_tokenizer_id(tokenizer) -> str:

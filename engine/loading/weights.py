@@ -94,3 +94,5 @@ def load_weights(
             "checkpoint is of another architecture; download it again."
         )
     model.inv_freq = model.args.inv_freq.clone().to(device)
+    if model.args.local_inv_freq is not None:
+        model.local_inv_freq = model.args.local_inv_freq.clone().to(device)

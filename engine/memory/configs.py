@@ -16,7 +16,7 @@ from engine.models.families import FAMILIES
 #: ``{hub id: (model_type, config fields)}``: the published configs each family declares
 #: (:attr:`engine.models.families.Family.known_configs`).
 KNOWN_CONFIGS: dict[str, tuple[str, dict]] = {
-    hub_id: (family.name, dict(fields)) for family in FAMILIES for hub_id, fields in family.known_configs.items()
+    hub_id: (family.model_types[0], dict(fields)) for family in FAMILIES for hub_id, fields in family.known_configs.items()
 }
 
 #: Variants with the same architecture as a listed model.

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.errors import UnsupportedArchitectureError
 from engine.models.families import family_for_model_type, supported_model_types
 from engine.models.rope import rope_inverse_frequencies
 
@@ -29,8 +28,18 @@ class ModelArgs:
         num_heads, num_kv_heads, head_dim: attention geometry (GQA when ``num_kv_heads < num_heads``).
         rms_norm_eps: epsilon of every RMSNorm.
         qkv_bias: bias on q/k/v projections; ``o_bias``: on the output projection; ``mlp_bias``: on the MLP.
-        qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3).
+        qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3).
         sliding_windows: per layer, the attention window or ``None`` for full causal attention.
+        activation: the gated MLP's activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU, Gemma).
+        norm_offset: every RMSNorm scales by ``norm_offset + w`` (Gemma: 1.0, multiplied in fp32 before the
+            cast back; 0.0: Llama's ``w * cast(xhat)``).
+        embed_scale: token embeddings are multiplied by this (cast to the weights' dtype first), or ``None``.
+        attention_scale: softmax scale of attention scores; ``None`` means ``head_dim ** -0.5``.
+        attn_softcap: attention scores are soft-capped ``c * tanh(s / c)`` before masking, or ``None``.
+        final_softcap: logits are soft-capped the same way, or ``None``.
+        sandwich_norms: RMSNorm after attention and after the MLP too (Gemma 2/3): ``x + post(attn(pre(x)))``.
+        local_inv_freq: RoPE inverse frequencies of the sliding-window layers when they differ (Gemma 3);
+            ``local_rope_attention_scaling`` their cos/sin scaling. Layers with a window use them.
         tie_word_embeddings: ``lm_head`` shares the input embedding matrix.
         inv_freq: fp32 ``[head_dim // 2]`` RoPE inverse frequencies (scaling already applied).
         rope_attention_scaling: multiplier of cos/sin (1.0 except for some RoPE scalings).
@@ -54,6 +63,15 @@ class ModelArgs:
     mlp_bias: bool = False
     qk_norm: bool = False
     sliding_windows: list[int | None] = field(default_factory=list)
+    activation: str = "silu"
+    norm_offset: float = 0.0
+    embed_scale: float | None = None
+    attention_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sandwich_norms: bool = False
+    local_inv_freq: torch.Tensor | None = None
+    local_rope_attention_scaling: float = 1.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
@@ -76,10 +94,6 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
     family = family_for_model_type(model_type)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
-    if getattr(hf_config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise UnsupportedArchitectureError(
-            f"activation {hf_config.hidden_act!r} is not supported (only SwiGLU MLPs with silu)"
-        )
     inv_freq, attention_scaling = rope_inverse_frequencies(hf_config, head_dim)
     biases = family.biases(hf_config)
     return ModelArgs(
@@ -104,4 +118,6 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_id=getattr(hf_config, "eos_token_id", None),
         pad_token_id=getattr(hf_config, "pad_token_id", None),
+        activation=family.activation(hf_config),
+        **family.model_fields(hf_config, head_dim),
     )

@@ -1,6 +1,7 @@
 """RoPE frequencies and their scalings: one module for the model, the GGUF reader and the GGUF writer.
 
-* :func:`rope_parameters` — a config's RoPE settings as one dict, whichever transformers version wrote it.
+* :func:`rope_parameters` — a config's RoPE settings as one dict, whichever transformers version wrote it
+  (per layer type where layer types differ: Gemma 3's local and global layers).
 * :func:`rope_inverse_frequencies` — the model's inverse frequencies ``[head_dim // 2]`` (default, linear and
   Llama-3.1 ``llama3`` here, computed exactly as transformers does; other types through transformers'
   public ``ROPE_INIT_FUNCTIONS``).
@@ -22,9 +23,20 @@ import torch
 from engine.errors import UnsupportedArchitectureError
 
 
-def rope_parameters(hf_config) -> dict:
-    """RoPE settings as one dict (``rope_type``, ``rope_theta``, scaling fields), from either config layout."""
+def rope_parameters(hf_config, layer_type: str | None = None) -> dict:
+    """RoPE settings as one dict (``rope_type``, ``rope_theta``, scaling fields), from either config layout.
+
+    Configs whose layer types use different RoPE (Gemma 3: ``{"sliding_attention": {...}, "full_attention":
+    {...}}``) give the settings of ``layer_type`` (default ``"full_attention"``).
+    """
     params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        key = layer_type or "full_attention"
+        if key not in params:
+            raise UnsupportedArchitectureError(
+                f"the config's rope_parameters have no entry for layer type {key!r} (it has {sorted(params)})"
+            )
+        return dict(params[key])
     if isinstance(params, dict) and "rope_theta" in params:
         return dict(params)
     scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
@@ -39,13 +51,20 @@ def _llama3_fields(params: dict) -> tuple[float, float, float, float]:
             float(params["original_max_position_embeddings"]))
 
 
-def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies ``[head_dim // 2]`` (fp32) and the cos/sin scaling for a config.
+def per_layer_type_rope(hf_config) -> bool:
+    """Whether the config gives each layer type its own RoPE settings (Gemma 3)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    return isinstance(params, dict) and bool(params) and all(isinstance(v, dict) for v in params.values())
+
+
+def rope_inverse_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """RoPE inverse frequencies ``[head_dim // 2]`` (fp32) and the cos/sin scaling for a config
+    (for ``layer_type``'s settings where layer types differ, see :func:`rope_parameters`).
 
     Raises:
         UnsupportedArchitectureError: a RoPE type neither this module nor transformers implements.
     """
-    params = rope_parameters(hf_config)
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params.get("rope_type", "default")
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -67,7 +86,8 @@ def rope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, fl
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise UnsupportedArchitectureError(f"RoPE scaling type {rope_type!r} is not supported")
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    kwargs = {"layer_type": layer_type} if per_layer_type_rope(hf_config) else {}
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
     return inv.float(), float(scaling)
 
 

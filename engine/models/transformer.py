@@ -17,8 +17,8 @@ from torch import nn
 from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import current_policy, training_policy
-from engine.modules.linear import Linear, project, swiglu_mlp, tiled_swiglu_mlp
-from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin, swiglu
+from engine.modules.linear import Linear, glu_mlp, project, tiled_glu_mlp
+from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin
 from kernels.attention import PackedLayout, packed_layout
 from kernels.dispatch import attention_backend
 from kernels.lora_fused import DequantWorkspace
@@ -26,14 +26,20 @@ from kernels.tiled_mlp import auto_tile_rows
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension (weight initialised to ones)."""
+    """RMSNorm over the last dimension, scaling by ``offset + weight`` (the weight initialised to ``1 - offset``).
 
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+    ``offset`` 0 is Llama's norm (``w * cast(xhat)``); 1 is Gemma's (``(1 + w) * xhat`` in fp32, then cast).
+    """
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset, device=device, dtype=dtype))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            return rms_norm(x, self.weight, self.eps, offset=self.offset)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -43,6 +49,7 @@ class AttentionContext:
 
     Attributes:
         cos, sin: RoPE tables ``[b, s, 1, hd]``.
+        local_cos, local_sin: the sliding-window layers' tables where their RoPE differs (Gemma 3), else ``None``.
         key_padding_mask: bool ``[b, s_kv]`` or ``None``.
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
         doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
@@ -54,6 +61,8 @@ class AttentionContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
+    local_cos: torch.Tensor | None = None
+    local_sin: torch.Tensor | None = None
     key_padding_mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     doc_lengths: tuple[int, ...] | None = None
@@ -63,22 +72,26 @@ class AttentionContext:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k norm)."""
+    """Grouped-query self-attention with RoPE (and per-head q/k norm, score soft-capping, local RoPE where the
+    family has them)."""
 
     def __init__(self, args: ModelArgs, layer_idx: int, device=None, dtype=None):
         super().__init__()
         d, hd = args.hidden_size, args.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, hd
-        self.scale = hd**-0.5
+        self.scale = args.attention_scale if args.attention_scale is not None else hd**-0.5
+        self.softcap = args.attn_softcap
         self.sliding_window = args.sliding_windows[layer_idx] if args.sliding_windows else None
+        # Sliding-window layers use the local RoPE tables where the family has them (Gemma 3).
+        self.local_rope = self.sliding_window is not None and args.local_inv_freq is not None
         self.q_proj = Linear(d, args.num_heads * hd, args.qkv_bias, device, dtype)
         self.k_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
         self.v_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
         self.o_proj = Linear(args.num_heads * hd, d, args.o_bias, device, dtype)
         if args.qk_norm:
-            self.q_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype)
-            self.k_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype)
+            self.q_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype, args.norm_offset)
+            self.k_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype, args.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
@@ -91,7 +104,10 @@ class Attention(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, k, ctx.cos, ctx.sin)
+        if self.local_rope:
+            q, k = rope(q, k, ctx.local_cos, ctx.local_sin)
+        else:
+            q, k = rope(q, k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q_offset = 0
         if ctx.cache is not None:
@@ -107,13 +123,14 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             doc_lengths=ctx.doc_lengths,
             layout=ctx.layout,
+            **({"softcap": self.softcap} if self.softcap is not None else {}),
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return project(out, (self.o_proj,), ctx.workspace, self.training)[0]
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, ``act`` silu (SwiGLU) or tanh-GELU (GeGLU, Gemma).
 
     Attributes:
         tile_rows (int or None): when set (``FastModel.set_tiled_mlp``), a training forward over more tokens
@@ -128,6 +145,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
+        self.activation = args.activation
         self.tile_rows: int | str | None = None
 
     def forward(self, x: torch.Tensor, workspace: DequantWorkspace | None = None) -> torch.Tensor:
@@ -136,23 +154,48 @@ class MLP(nn.Module):
         tokens = x.numel() // x.shape[-1]
         rows = auto_tile_rows(tokens) if self.tile_rows == "auto" else self.tile_rows
         if self.training and rows and tokens > rows:
-            return tiled_swiglu_mlp(x, *projections, workspace, self.training, swiglu, rows)
-        return swiglu_mlp(x, *projections, workspace, self.training, swiglu)
+            return tiled_glu_mlp(x, *projections, workspace, self.training, self.activation, rows)
+        return glu_mlp(x, *projections, workspace, self.training, self.activation)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    With ``args.sandwich_norms`` (Gemma 2/3) the outputs are normalised too: ``x + post_attention_layernorm(
+    attn(input_layernorm(x)))`` then ``x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``.
+    """
 
     def __init__(self, args: ModelArgs, layer_idx: int, device=None, dtype=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        d, eps, offset = args.hidden_size, args.rms_norm_eps, args.norm_offset
+        self.input_layernorm = RMSNorm(d, eps, device, dtype, offset)
         self.self_attn = Attention(args, layer_idx, device, dtype)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = RMSNorm(d, eps, device, dtype, offset)
         self.mlp = MLP(args, device, dtype)
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(d, eps, device, dtype, offset)
+            self.post_feedforward_layernorm = RMSNorm(d, eps, device, dtype, offset)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx.workspace))
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.workspace)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding multiplied by ``scale`` cast to the weights' dtype (Gemma: ``sqrt(hidden)``), as
+    transformers' scaled embeddings do, so ``get_input_embeddings()(ids)`` gives what the layers see."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(input_ids)
+        return x * torch.tensor(self.scale, dtype=x.dtype, device=x.device)
 
 
 class DecoderModel(nn.Module):
@@ -160,9 +203,12 @@ class DecoderModel(nn.Module):
 
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
+        if args.embed_scale is not None:
+            self.embed_tokens = ScaledEmbedding(args.vocab_size, args.hidden_size, args.embed_scale, device, dtype)
+        else:
+            self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(args, i, device, dtype) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, device, dtype, args.norm_offset)
 
 
 @dataclass
@@ -232,6 +278,8 @@ class CausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", args.inv_freq.clone().to(device), persistent=False)
+        local = args.local_inv_freq
+        self.register_buffer("local_inv_freq", None if local is None else local.clone().to(device), persistent=False)
         self.gradient_checkpointing: bool | str = False
         self.tiled_mlp: int | str | None = None  # rows per MLP tile in training (FastModel.set_tiled_mlp), None: off
         # Attached by the loader: the transformers config and the source the weights came from.
@@ -346,7 +394,14 @@ class CausalLM(nn.Module):
         if doc_lengths is not None and off_cpu_torch:
             layout = packed_layout(doc_lengths, input_ids.device)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
-        return AttentionContext(cos, sin, key_padding_mask, doc_ids, doc_lengths, layout, cache, self._workspace)
+        local_cos = local_sin = None
+        if self.local_inv_freq is not None:
+            local_cos, local_sin = rope_cos_sin(
+                position_ids, self.local_inv_freq, self.args.local_rope_attention_scaling, dtype
+            )
+        return AttentionContext(
+            cos, sin, local_cos, local_sin, key_padding_mask, doc_ids, doc_lengths, layout, cache, self._workspace
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -404,6 +459,9 @@ class CausalLM(nn.Module):
         if labels is None or return_logits:
             kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
             logits = self.lm_head(kept)
+            if self.args.final_softcap is not None:
+                cap = self.args.final_softcap
+                logits = torch.tanh(logits / cap) * cap
         return CausalLMOutput(loss=loss, logits=logits)
 
     def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cu_seq_lens=None):
@@ -462,7 +520,8 @@ class CausalLM(nn.Module):
             raise ConfigurationError("LoRA or 4-bit quantization on lm_head is not supported")
         b, s, d = x.shape
         shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).to(x.device)
-        logps = linear_token_log_probs(x.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1)).view(b, s)
+        softcap = {} if self.args.final_softcap is None else {"softcap": self.args.final_softcap}
+        logps = linear_token_log_probs(x.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1), **softcap).view(b, s)
         # logps[:, t] scores labels[:, t + 1]; move it to position t + 1.
         return torch.nn.functional.pad(logps[:, :-1], (1, 0), value=0.0)
 
@@ -478,7 +537,8 @@ class CausalLM(nn.Module):
             raise ConfigurationError("LoRA or 4-bit quantization on lm_head is not supported")
         d = hidden.shape[-1]
         return fused_linear_cross_entropy(
-            hidden.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch=num_items_in_batch
+            hidden.reshape(-1, d), self.lm_head.weight, shifted.reshape(-1), num_items_in_batch=num_items_in_batch,
+            softcap=self.args.final_softcap,
         )
 
     # ------------------------------------------------------------------ generation and saving

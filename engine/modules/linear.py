@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import glu_activation
 from kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
 from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from kernels.tiled_mlp import tiled_lora_mlp
@@ -174,21 +175,25 @@ def project(
     return lora_projections(x, [Projection.from_module(m) for m in modules], workspace, training)
 
 
-def swiglu_mlp(
+def glu_mlp(
     x: torch.Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
     workspace: DequantWorkspace | None,
     training: bool,
-    activation,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """``down(silu(gate(x)) * up(x))`` as one fused Function (``h`` recomputed in backward, not saved);
-    plain dense layers without adapters compose ``F.linear`` with ``activation`` (the dispatched SwiGLU)."""
+    """``down(act(gate(x)) * up(x))`` as one fused Function (``h`` recomputed in backward, not saved);
+    plain dense layers without adapters compose ``F.linear`` with the dispatched GLU op.
+
+    Args:
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU); see :func:`kernels.glu_activation`.
+    """
     if _plain((gate, up, down)):
-        return down(activation(gate(x), up(x)))
+        return down(glu_activation(activation)(gate(x), up(x)))
     projections = [Projection.from_module(m) for m in (gate, up, down)]
-    return lora_mlp(x, *projections, workspace=workspace, training=training)
+    return lora_mlp(x, *projections, workspace=workspace, training=training, activation=activation)
 
 
 def _trainable_base(modules: tuple[Linear, ...]) -> bool:
@@ -199,24 +204,26 @@ def _trainable_base(modules: tuple[Linear, ...]) -> bool:
     )
 
 
-def tiled_swiglu_mlp(
+def tiled_glu_mlp(
     x: torch.Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
     workspace: DequantWorkspace | None,
     training: bool,
-    activation,
+    activation: str,
     tile_rows: int,
 ) -> torch.Tensor:
-    """:func:`swiglu_mlp` computed in tiles of ``tile_rows`` rows (:func:`kernels.tiled_mlp.tiled_lora_mlp`):
+    """:func:`glu_mlp` computed in tiles of ``tile_rows`` rows (:func:`kernels.tiled_mlp.tiled_lora_mlp`):
     only ``x`` is saved for backward and one tile's ``[tile_rows, intermediate]`` activations exist at a time.
 
     Frozen bases (dense or NF4) with or without adapters are tiled; a trainable base weight or bias (full
-    fine-tuning) is not supported by the fused Functions and takes the untiled :func:`swiglu_mlp`.
+    fine-tuning) is not supported by the fused Functions and takes the untiled :func:`glu_mlp`.
     """
     modules = (gate, up, down)
     if _trainable_base(modules):
-        return swiglu_mlp(x, gate, up, down, workspace, training, activation)
+        return glu_mlp(x, gate, up, down, workspace, training, activation)
     projections = [Projection.from_module(m) for m in modules]
-    return tiled_lora_mlp(x, *projections, workspace=workspace, training=training, tile_rows=tile_rows)
+    return tiled_lora_mlp(
+        x, *projections, workspace=workspace, training=training, tile_rows=tile_rows, activation=activation
+    )

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from engine.errors import UnsupportedArchitectureError
 from engine.models.families.base import GLOBAL_TENSORS, LLAMA_LORA_TARGETS, Biases, Family, gguf_tensor_name
+from engine.models.families.gemma import GEMMA
+from engine.models.families.gemma2 import GEMMA2
+from engine.models.families.gemma3 import GEMMA3
 from engine.models.families.llama import LLAMA
 from engine.models.families.mistral import MISTRAL
 from engine.models.families.qwen2 import QWEN2
@@ -29,7 +32,7 @@ __all__ = [
 ]
 
 #: Every family the engine serves, in the order the docs list them.
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3)
 
 
 def supported_model_types() -> tuple[str, ...]:

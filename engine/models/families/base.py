@@ -19,6 +19,8 @@ from typing import Any
 
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
+from engine.errors import UnsupportedArchitectureError
+
 #: Whole-model tensors: Hugging Face module path -> llama.cpp tensor.
 GLOBAL_TENSORS: Mapping[str, MODEL_TENSOR] = {
     "model.embed_tokens": MODEL_TENSOR.TOKEN_EMBD,
@@ -83,7 +85,13 @@ class Family:
         gguf_permutes_qk: llama.cpp's converter permutes Q/K rows from rotate-half to interleaved RoPE
             (``llama``); NEOX-RoPE architectures (Qwen) are written as they are.
         gguf_sliding_window: the GGUF file records the attention window (``<arch>.attention.sliding_window``).
+        gguf_sliding_window_pattern: it also records which layers slide (``<arch>.attention.sliding_window_pattern``,
+            one bool per layer; Gemma 2/3).
+        gguf_norm_shift: added to every RMSNorm weight in GGUF files (llama.cpp's Gemma graphs scale by ``w``
+            where transformers scales by ``1 + w``: its converter stores ``w + 1``); the reader subtracts it.
         qk_norm: per-head RMSNorm on q and k before RoPE.
+        sandwich_norms: layers also normalise the attention output and have a norm before and after the MLP
+            (``pre_feedforward_layernorm``, ``post_feedforward_layernorm``; Gemma 2/3).
         window_every_layer: a config's ``sliding_window`` applies to every layer when the config has no
             ``layer_types`` (Mistral); otherwise only ``layer_types``' sliding layers use it.
         block_tensors: the HF <-> GGUF per-layer name map.
@@ -102,7 +110,10 @@ class Family:
     gguf_permutes_qk: bool = False
     gguf_name_marker: str | None = None
     gguf_sliding_window: bool = False
+    gguf_sliding_window_pattern: bool = False
+    gguf_norm_shift: float = 0.0
     qk_norm: bool = False
+    sandwich_norms: bool = False
     window_every_layer: bool = False
     block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
     lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
@@ -116,6 +127,33 @@ class Family:
         attention = bool(getattr(hf_config, "attention_bias", False))
         return Biases(qkv=attention, o=attention, mlp=bool(getattr(hf_config, "mlp_bias", False)))
 
+    def text_config(self, hf_config):
+        """The config of the language model inside ``hf_config`` (itself, except for multimodal checkpoints)."""
+        return hf_config
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The engine's parameter name of a checkpoint tensor, or ``None`` for a tensor the engine skips (the vision
+        tower of a multimodal checkpoint). Text checkpoints keep their names."""
+        return name
+
+    def activation(self, hf_config) -> str:
+        """The gated MLP's activation for :class:`~engine.models.config.ModelArgs` (Llama: SwiGLU, ``"silu"``).
+
+        Raises:
+            UnsupportedArchitectureError: the config's ``hidden_act`` is another activation.
+        """
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise UnsupportedArchitectureError(
+                f"hidden_act={act!r} is not supported for {self.name} (its MLP is SwiGLU: hidden_act='silu')"
+            )
+        return "silu"
+
+    def model_fields(self, hf_config, head_dim: int) -> dict[str, Any]:
+        """Family-specific :class:`~engine.models.config.ModelArgs` fields (norm offset, scales, soft-caps, local
+        RoPE); Llama-shaped families have none."""
+        return {}
+
     def sliding_windows(self, hf_config) -> list[int | None]:
         """Per layer, the attention window or ``None`` (full causal attention)."""
         n = hf_config.num_hidden_layers
@@ -127,8 +165,19 @@ class Family:
             return [window if t == "sliding_attention" else None for t in layer_types]
         return [window] * n if self.window_every_layer else [None] * n
 
-    def gguf_config_fields(self, *, attention_bias: bool, mlp_bias: bool, sliding_window: int | None) -> dict:
-        """Family-specific fields of the transformers config built from a GGUF file's metadata and tensors."""
+    def gguf_config_fields(self, fields: dict, metadata: Mapping[str, Any], *, attention_bias: bool, mlp_bias: bool,
+                           sliding_window: int | None) -> dict:
+        """Family-specific fields of the transformers config built from a GGUF file's metadata and tensors.
+
+        Args:
+            fields: the config fields every family shares, as read so far (sizes, ``rope_parameters``, ...).
+            metadata: the file's ``<architecture>.*`` keys without that prefix (``"attention.sliding_window"``).
+            attention_bias, mlp_bias: whether the file has attention / MLP bias tensors.
+            sliding_window: ``attention.sliding_window``, or ``None``.
+
+        Returns:
+            Fields to add to (or replace in) ``fields``.
+        """
         return {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
 
     def expected_shapes(self, hf_config) -> dict[str, tuple[int, ...]]:
@@ -161,6 +210,8 @@ class Family:
             "mlp.down_proj.bias": (h,) if b.mlp else None,
             "input_layernorm.weight": (h,),
             "post_attention_layernorm.weight": (h,),
+            "pre_feedforward_layernorm.weight": (h,) if self.sandwich_norms else None,
+            "post_feedforward_layernorm.weight": (h,) if self.sandwich_norms else None,
         }
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
         for n in range(hf_config.num_hidden_layers):

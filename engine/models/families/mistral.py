@@ -12,7 +12,8 @@ class _Mistral(Family):
     def biases(self, hf_config) -> Biases:
         return Biases()
 
-    def gguf_config_fields(self, *, attention_bias: bool, mlp_bias: bool, sliding_window: int | None) -> dict:
+    def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
+                           sliding_window: int | None) -> dict:
         return {"sliding_window": sliding_window}
 
 

@@ -12,7 +12,8 @@ class _Qwen2(Family):
     def biases(self, hf_config) -> Biases:
         return Biases(qkv=True)
 
-    def gguf_config_fields(self, *, attention_bias: bool, mlp_bias: bool, sliding_window: int | None) -> dict:
+    def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
+                           sliding_window: int | None) -> dict:
         # GGUF files do not record which layers slide (transformers' use_sliding_window/max_window_layers).
         return {"use_sliding_window": False, "sliding_window": sliding_window}
 

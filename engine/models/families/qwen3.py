@@ -13,7 +13,8 @@ class _Qwen3(Family):
         attention = bool(getattr(hf_config, "attention_bias", False))
         return Biases(qkv=attention, o=attention)
 
-    def gguf_config_fields(self, *, attention_bias: bool, mlp_bias: bool, sliding_window: int | None) -> dict:
+    def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
+                           sliding_window: int | None) -> dict:
         return {"attention_bias": attention_bias}
 
 

@@ -1,0 +1,121 @@
+"""Every family beyond Llama runs in llama.cpp: GGUF f16 / q8_0 / q4_k_m files load, f16 logits pick the engine's
+top-1 token at every position, the file reads back into the engine, and a LoRA GGUF applies.
+
+Tiny random models (hidden 80, 2 layers, head_dim 24, windows of 6 tokens on 48-token inputs) with SmolLM2's
+tokenizer so that the files carry a real vocabulary.
+"""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from engine import FastModel
+from tests.conftest import FAMILY_CONFIGS
+from tests.export.test_llama_cpp import held_out_tokens, llama_logits
+
+FAMILIES = ["gemma", "gemma2", "gemma3"]
+NEAR_TIE = 0.05  # f16 weights and KV cache in llama.cpp: top-1 may swap only between logits this close
+
+
+def _folder(family, tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp(f"{family}_chat")
+    config = FAMILY_CONFIGS[family]()
+    config.vocab_size = len(tokenizer)
+    config.max_position_embeddings = 512
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory, smollm2_tokenizer):
+    """``(family, engine model, tokenizer, {method: gguf path})`` for one family."""
+    family = request.param
+    model, tokenizer = FastModel.from_pretrained(
+        str(_folder(family, tmp_path_factory, smollm2_tokenizer)), dtype="float32", verbose=False
+    )
+    out = tmp_path_factory.mktemp(f"{family}_gguf")
+    paths = model.save_pretrained_gguf(out, tokenizer, quantization_method=["f16", "q8_0", "q4_k_m"])
+    return family, model, tokenizer, {p.name.rsplit("-", 1)[1].removesuffix(".gguf").lower(): p for p in paths}
+
+
+def test_every_type_loads_and_f16_agrees_on_every_position(exported):
+    family, model, tokenizer, paths = exported
+    tokens = held_out_tokens(tokenizer, 48)
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens])).logits[0].numpy()
+    theirs = llama_logits(paths["f16"], tokens)
+    top_ours, top_theirs = ours.argmax(-1), theirs.argmax(-1)
+    gap = ours[np.arange(len(tokens)), top_ours] - ours[np.arange(len(tokens)), top_theirs]
+    scale = float(np.abs(ours).max())
+    print(f"\n{family} f16 in llama.cpp: top-1 equal at {(top_ours == top_theirs).mean():.0%} of positions, "
+          f"max |dlogit| {np.abs(theirs - ours).max():.4f} (logit scale {scale:.2f})")
+    assert ((top_ours == top_theirs) | (gap < NEAR_TIE)).all()
+    assert np.abs(theirs - ours).max() < 2e-2 * max(1.0, scale)
+    for method in ("q8_0", "q4_k_m"):
+        quantized = llama_logits(paths[method], tokens)
+        assert np.isfinite(quantized).all()
+        agree = (quantized.argmax(-1) == top_ours).mean()
+        print(f"{family} {method}: top-1 agreement {agree:.0%}")
+        assert agree > 0.5
+
+
+def test_gguf_reads_back_into_the_engine(exported):
+    family, model, _, paths = exported
+    loaded, _ = FastModel.from_pretrained(str(paths["f16"]), dtype="float32", verbose=False)
+    assert loaded.args.model_type == model.args.model_type
+    for field in ("norm_offset", "embed_scale", "attention_scale", "attn_softcap", "final_softcap", "sandwich_norms",
+                  "sliding_windows", "qk_norm", "activation"):
+        assert getattr(loaded.args, field) == getattr(model.args, field), field
+    if model.args.local_inv_freq is not None:
+        torch.testing.assert_close(loaded.local_inv_freq, model.local_inv_freq)
+    torch.testing.assert_close(loaded.inv_freq, model.inv_freq)
+    ids = torch.randint(0, model.args.vocab_size, (1, 20))
+    with torch.no_grad():
+        a, b = loaded(ids).logits, model(ids).logits
+    assert float((a - b).abs().max() / b.abs().max()) < 5e-3  # f16 rounding of the weights
+
+
+@pytest.mark.slow
+def test_lora_gguf_applies_in_llama_cpp(exported, tmp_path):
+    family, model, tokenizer, _ = exported
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
+    torch.manual_seed(3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    from engine.peft import disable_adapter
+
+    with disable_adapter(model):
+        (base,) = model.save_pretrained_gguf(tmp_path / "base", tokenizer, quantization_method="f16")
+    (merged,) = model.save_pretrained_gguf(tmp_path / "merged", tokenizer, quantization_method="f16")
+    (adapter,) = model.save_pretrained_gguf(tmp_path / "lora", tokenizer, lora_only=True)
+    tokens = held_out_tokens(tokenizer, 32)
+    with_adapter = llama_logits(base, tokens, lora_path=str(adapter))
+    merged_logits = llama_logits(merged, tokens)
+    effect = np.abs(merged_logits - llama_logits(base, tokens)).max()
+    diff = np.abs(with_adapter - merged_logits).max()
+    print(f"\n{family} LoRA GGUF: max |adapter - merged| {diff:.4f}, adapter effect {effect:.4f}")
+    assert effect > 0.1 and diff < 0.05 * effect
+
+
+def test_query_scale_llama_cpp_cannot_express_is_refused(hf_folders, tmp_path):
+    from engine.errors import UnsupportedArchitectureError
+
+    model, _ = FastModel.from_pretrained(hf_folders["gemma2"], dtype="float32", verbose=False)
+    model.args.attention_scale = 0.5  # query_pre_attn_scalar 4 != head_dim 24
+    with pytest.raises(UnsupportedArchitectureError, match="query_pre_attn_scalar"):
+        model.save_pretrained_gguf(tmp_path, None, quantization_method="f16")
+
+
+assert llama_cpp  # the binding is a test dependency; a missing one fails here, not as a skip
