@@ -14,6 +14,19 @@ A key is visible to a query when all of these hold:
 A query that sees no key at all (a padding position) is allowed to see itself so
 that its output is finite; such rows are ignored by the loss anyway.
 
+Score soft-capping (Gemma 2, ``softcap = c``): the scaled scores are capped before the mask
+and the (fp32) softmax, as transformers' ``eager_attention_forward`` of Gemma 2 does::
+
+    s_ij = c * tanh(q_i . k_j * scale / c)
+
+SDPA cannot do this, so with a softcap the PyTorch path is :class:`SoftcapAttentionFunction`:
+an explicit computation in fp32 over chunks of queries (about :data:`SOFTCAP_CHUNK_SCORES`
+scores at a time) with a hand-written backward that recomputes each chunk's scores from
+``q``, ``k`` and the saved log-sum-exp (``d s / d raw = 1 - tanh^2``). It supports every
+option above; packed documents (``doc_lengths``) are attended one document at a time.
+The GPU backends take the softcap natively: our Triton flash attention, and flash-attn 2.6+
+(xformers cannot, so it is never chosen with a softcap; see :mod:`kernels.dispatch`).
+
 The PyTorch path calls ``scaled_dot_product_attention`` (flash/efficient kernels
 where available, fused backward). It takes the plain causal fast path when
 nothing but causality applies. A padding-free row of packed documents given by
@@ -40,9 +53,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.dispatch import attention_backend
+
+#: Scores (``batch * heads * chunk * keys``) one chunk of :class:`SoftcapAttentionFunction` holds; a handful of
+#: fp32 buffers of this size (64 MiB each) exist at a time, whatever the sequence length.
+SOFTCAP_CHUNK_SCORES = 1 << 24
 
 
 def build_attention_mask(
@@ -68,7 +86,12 @@ def build_attention_mask(
     Returns:
         Bool tensor ``[b or 1, 1, q_len, kv_len]``.
     """
-    qi = torch.arange(q_len, device=device)[:, None] + q_offset
+    return _mask_rows(0, q_len, q_len, kv_len, q_offset, key_padding_mask, doc_ids, sliding_window, device)
+
+
+def _mask_rows(start, stop, q_len, kv_len, q_offset, key_padding_mask, doc_ids, sliding_window, device):
+    """Rows ``[start, stop)`` (queries) of :func:`build_attention_mask`: ``[b or 1, 1, stop - start, kv_len]``."""
+    qi = torch.arange(start, stop, device=device)[:, None] + q_offset
     kj = torch.arange(kv_len, device=device)[None, :]
     allowed = kj <= qi
     if sliding_window is not None:
@@ -77,7 +100,7 @@ def build_attention_mask(
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.bool()[:, None, None, :]
     if doc_ids is not None:
-        q_docs = doc_ids[:, kv_len - q_len :]
+        q_docs = doc_ids[:, kv_len - q_len + start : kv_len - q_len + stop]
         allowed = allowed & (q_docs[:, None, :, None] == doc_ids[:, None, None, :])
     # A query with no visible key (left padding) attends to itself so its output stays finite.
     self_slot = (kj == qi)[None, None]
@@ -85,16 +108,19 @@ def build_attention_mask(
     return allowed | (empty & self_slot)
 
 
-def attention_reference(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_reference(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Plain softmax attention (fp32 softmax), the oracle for every attention implementation.
 
     Args:
         q (Tensor): ``[b, hq, s_q, d]``; k, v: ``[b, hkv, s_k, d]``; mask: bool broadcastable to ``[b, hq, s_q, s_k]``.
+        softcap (float, optional): scores become ``softcap * tanh(scores / softcap)`` before the mask.
     """
     rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
@@ -128,6 +154,7 @@ def attention(
     sliding_window: int | None = None,
     doc_lengths: tuple[int, ...] | None = None,
     layout: PackedLayout | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention with grouped-query heads.
 
@@ -142,28 +169,38 @@ def attention(
         layout (PackedLayout, optional): :func:`packed_layout` of ``doc_lengths``, built once per forward by the
             caller so that the layers share it (built here when missing). Stands for ``doc_lengths`` when that is
             not given.
+        softcap (float, optional): attention-score soft-capping (Gemma 2: 50): the scaled scores become
+            ``softcap * tanh(scores / softcap)`` before masking and softmax (see the module docstring).
 
     Returns:
         Tensor ``[b, n_heads, s_q, head_dim]``.
+
+    Raises:
+        ValueError: inconsistent ``doc_lengths``, or a ``softcap`` that is not a positive number.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number (Gemma 2 uses 50.0) or None, got {softcap!r}")
     if layout is not None and doc_lengths is None:
         doc_lengths = layout.lengths
-    backend = attention_backend(q.device, q.dtype)
+    backend = attention_backend(q.device, q.dtype, softcap=softcap is not None)
     varlen_layout = q_offset == 0 and q_len == kv_len and key_padding_mask is None
     if backend != "torch" and varlen_layout:
         lengths = _document_lengths(q.shape[0], q_len, doc_ids, doc_lengths)
-        return _varlen_attention(backend, q, k, v, lengths, scale, sliding_window)
+        return _varlen_attention(backend, q, k, v, lengths, scale, sliding_window, softcap)
     if doc_lengths is not None and len(doc_lengths) > 1:
         if q.shape[0] != 1 or not varlen_layout:
             raise ValueError("doc_lengths needs one row (b == 1) of packed documents without cache or padding")
         if sum(doc_lengths) != q_len:
             raise ValueError(f"doc_lengths sum to {sum(doc_lengths)}, the row has {q_len} tokens")
-        if q.device.type == "cpu":
-            return _per_document_attention(q, k, v, doc_lengths, scale, sliding_window)
+        if q.device.type == "cpu" or softcap is not None:
+            return _per_document_attention(q, k, v, doc_lengths, scale, sliding_window, softcap)
         if layout is None or layout.lengths != tuple(doc_lengths):
             layout = packed_layout(doc_lengths, q.device)
         return _packed_sdpa_attention(q, k, v, layout, scale, sliding_window)
+    if softcap is not None:
+        return softcap_attention(q, k, v, scale=scale, softcap=softcap, q_offset=q_offset,
+                                 key_padding_mask=key_padding_mask, doc_ids=doc_ids, sliding_window=sliding_window)
     return _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding_window)
 
 
@@ -243,12 +280,16 @@ class _Regroup(torch.autograd.Function):
         return _gather_rows(grad, inverse), None, None
 
 
-def _per_document_attention(q, k, v, lengths, scale, sliding_window):
-    """``[1, h, s, d]`` packed documents attended one causal SDPA call each (the CPU choice; module docstring)."""
+def _per_document_attention(q, k, v, lengths, scale, sliding_window, softcap=None):
+    """``[1, h, s, d]`` packed documents attended one causal call each (the CPU choice, and the PyTorch path of
+    every device with a softcap; module docstring): SDPA, or :func:`softcap_attention` with a softcap."""
     outputs, start = [], 0
     for n in lengths:
-        part = slice(start, start + n)
-        outputs.append(_sdpa_attention(q[:, :, part], k[:, :, part], v[:, :, part], scale, 0, None, None, sliding_window))
+        q_d, k_d, v_d = (t[:, :, start : start + n] for t in (q, k, v))
+        if softcap is None:
+            outputs.append(_sdpa_attention(q_d, k_d, v_d, scale, 0, None, None, sliding_window))
+        else:
+            outputs.append(softcap_attention(q_d, k_d, v_d, scale=scale, softcap=softcap, sliding_window=sliding_window))
         start += n
     return torch.cat(outputs, dim=2)
 
@@ -297,6 +338,113 @@ def _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding
     return _sdpa(q, k, v, mask, scale, False)
 
 
+# --------------------------------------------------------------------------- soft-capped scores, PyTorch path
+
+
+def _capped_scores(q, k, scale, softcap):
+    """fp32 ``(s, t)`` of a chunk: ``s = softcap * t`` with ``t = tanh(q . k * scale / softcap)``.
+
+    ``q [b, hkv, rep, c, d]`` (any dtype), ``k [b, hkv, 1, s_k, d]`` fp32 -> ``[b, hkv, rep, c, s_k]``.
+    """
+    t = torch.tanh((q.float() @ k.transpose(-1, -2)) * (scale / softcap))
+    return t * softcap, t
+
+
+class SoftcapAttentionFunction(torch.autograd.Function):
+    """Attention with soft-capped scores, computed in chunks of queries; see the module docstring.
+
+    ``forward(q [b, hq, s_q, d], k, v [b, hkv, s_k, d], scale, softcap, q_offset, key_padding_mask, doc_ids,
+    sliding_window) -> [b, hq, s_q, d]`` in ``q``'s dtype. Per chunk of ``c`` queries (all keys at once)::
+
+        s = softcap * tanh(q k^T * scale / softcap)   (fp32; masked with the rows of build_attention_mask)
+        lse = logsumexp(s),   p = exp(s - lse),   out = p v
+
+    Backward, per chunk, with ``p`` and ``t = tanh(.)`` recomputed::
+
+        dv += p^T do,   dp = do v^T,   ds = p * (dp - sum(p * dp)) * (1 - t^2)
+        dq = scale * ds k,   dk += scale * ds^T q
+
+    GQA: the query heads of one KV head are a separate dimension (``[b, hkv, rep, ...]``), so ``k``, ``v`` are
+    never repeated and ``dk``, ``dv`` are summed over it. Saved: ``q``, ``k``, ``v`` (the inputs), the masks'
+    inputs and the fp32 ``lse [b, hq, s_q]``; never a score matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, softcap, q_offset, key_padding_mask, doc_ids, sliding_window):
+        b, hq, s_q, d = q.shape
+        hkv, s_k = k.shape[1], k.shape[2]
+        if hq % hkv:
+            raise ValueError(f"n_heads {hq} is not a multiple of n_kv_heads {hkv}")
+        qg = q.unflatten(1, (hkv, hq // hkv))
+        kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+        out = torch.empty((b, hkv, hq // hkv, s_q, v.shape[-1]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((b, hkv, hq // hkv, s_q), dtype=torch.float32, device=q.device)
+        chunk = _softcap_chunk(b * hq, s_k)
+        for start in range(0, s_q, chunk):
+            stop = min(start + chunk, s_q)
+            s, _ = _capped_scores(qg[..., start:stop, :], kf, scale, softcap)
+            mask = _mask_rows(start, stop, s_q, s_k, q_offset, key_padding_mask, doc_ids, sliding_window, q.device)
+            s.masked_fill_(~mask[:, :, None], float("-inf"))
+            lse_c = torch.logsumexp(s, dim=-1)
+            p = s.sub_(lse_c[..., None]).exp_()
+            out[..., start:stop, :] = (p @ vf).to(q.dtype)
+            lse[..., start:stop] = lse_c
+        ctx.save_for_backward(q, k, v, lse, key_padding_mask, doc_ids)
+        ctx.options = (scale, softcap, q_offset, sliding_window)
+        return out.flatten(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, lse, key_padding_mask, doc_ids = ctx.saved_tensors
+        scale, softcap, q_offset, sliding_window = ctx.options
+        b, hq, s_q, _ = q.shape
+        hkv, s_k = k.shape[1], k.shape[2]
+        qg, dog = q.unflatten(1, (hkv, hq // hkv)), dout.unflatten(1, (hkv, hq // hkv))
+        kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+        dq = torch.empty_like(qg)
+        dk = torch.zeros((b, hkv, s_k, k.shape[-1]), dtype=torch.float32, device=k.device)
+        dv = torch.zeros((b, hkv, s_k, v.shape[-1]), dtype=torch.float32, device=v.device)
+        chunk = _softcap_chunk(b * hq, s_k)
+        for start in range(0, s_q, chunk):
+            stop = min(start + chunk, s_q)
+            s, t = _capped_scores(qg[..., start:stop, :], kf, scale, softcap)
+            mask = _mask_rows(start, stop, s_q, s_k, q_offset, key_padding_mask, doc_ids, sliding_window, q.device)
+            s.masked_fill_(~mask[:, :, None], float("-inf"))
+            p = s.sub_(lse[..., start:stop, None]).exp_()
+            do = dog[..., start:stop, :].float()
+            dv += (p.transpose(-1, -2) @ do).sum(2)
+            dp = do @ vf.transpose(-1, -2)
+            ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(t.mul_(t).neg_().add_(1.0))
+            dq[..., start:stop, :] = ((ds @ kf) * scale).to(q.dtype)
+            dk += (ds.transpose(-1, -2) @ qg[..., start:stop, :].float()).sum(2) * scale
+        return dq.flatten(1, 2), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
+
+
+def _softcap_chunk(rows: int, s_k: int) -> int:
+    """Queries per chunk so that ``rows * chunk * s_k`` stays near :data:`SOFTCAP_CHUNK_SCORES`."""
+    return max(1, SOFTCAP_CHUNK_SCORES // max(1, rows * s_k))
+
+
+def softcap_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    softcap: float,
+    q_offset: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The PyTorch path of :func:`attention` with a softcap (:class:`SoftcapAttentionFunction`); the arguments and
+    the mask are :func:`attention`'s (packed documents go through ``doc_ids`` here). Returns ``[b, hq, s_q, d]``."""
+    return SoftcapAttentionFunction.apply(
+        q, k, v, scale, float(softcap), q_offset, key_padding_mask, doc_ids, sliding_window
+    )
+
+
 # --------------------------------------------------------------------------- variable-length backends
 
 
@@ -316,7 +464,7 @@ def _document_lengths(batch: int, seq: int, doc_ids, doc_lengths) -> list[int]:
     return torch.unique_consecutive(flat.reshape(-1), return_counts=True)[1].tolist()
 
 
-def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window):
+def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window, softcap=None):
     """Attention over packed documents with a variable-length kernel; ``[b, h, s, d]`` in and out.
 
     The batch is flattened to ``[b * s, h, d]`` tokens with document boundaries ``cu_seqlens``
@@ -331,28 +479,34 @@ def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window):
     kt = k.transpose(1, 2).reshape(b * s, hkv, d)
     vt = v.transpose(1, 2).reshape(b * s, hkv, d)
     window = sliding_window if sliding_window is not None and sliding_window < max_len else None
-    out = _VARLEN[backend](qt, kt, vt, cu_seqlens, max_len, lengths, scale, window)
+    out = _VARLEN[backend](qt, kt, vt, cu_seqlens, max_len, lengths, scale, window, softcap)
     return out.reshape(b, s, hq, d).transpose(1, 2)
 
 
-def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
+def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
     from kernels.flash_attention import flash_attention_varlen
 
-    return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window)
+    extra = {} if softcap is None else {"softcap": softcap}
+    return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window, **extra)
 
 
-def _flash_attn_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
-    """The ``flash-attn`` package (GQA native; a window of ``w`` keys is ``window_size=(w - 1, 0)``)."""
+def _flash_attn_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
+    """The ``flash-attn`` package (GQA native; a window of ``w`` keys is ``window_size=(w - 1, 0)``; ``softcap``
+    from 2.6, which :mod:`kernels.dispatch` checks before choosing it)."""
     from flash_attn import flash_attn_varlen_func
 
     window_size = (window - 1, 0) if window is not None else (-1, -1)
+    extra = {} if softcap is None else {"softcap": softcap}
     return flash_attn_varlen_func(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True, window_size=window_size
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, softmax_scale=scale, causal=True, window_size=window_size,
+        **extra,
     )
 
 
-def _xformers_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window):
+def _xformers_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
     """xformers' memory-efficient attention with a block-diagonal causal (optionally local) bias."""
+    if softcap is not None:  # dispatch never picks xformers with a softcap; a direct call must not drop it
+        raise ValueError("xformers cannot soft-cap attention scores; use the Triton kernel or flash-attn >= 2.6")
     from xformers.ops import fmha
 
     if window is None:

@@ -153,35 +153,55 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _flash_attn_supported(device: torch.device, dtype: torch.dtype | None) -> bool:
-    """flash-attn 2 needs an Ampere or newer GPU and fp16/bf16 tensors."""
+#: The first flash-attn release whose ``flash_attn_varlen_func`` takes ``softcap``.
+FLASH_ATTN_SOFTCAP_VERSION = (2, 6)
+
+
+def _flash_attn_has_softcap() -> bool:
+    """Whether the installed flash-attn takes ``softcap`` (2.6 and later)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("flash_attn").split("+")[0].split(".")
+        return tuple(int(p) for p in release[:2]) >= FLASH_ATTN_SOFTCAP_VERSION
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
+def _flash_attn_supported(device: torch.device, dtype: torch.dtype | None, softcap: bool = False) -> bool:
+    """flash-attn 2 needs an Ampere or newer GPU and fp16/bf16 tensors (and 2.6+ for a softcap)."""
     if dtype not in (torch.float16, torch.bfloat16) or not _has_module("flash_attn"):
+        return False
+    if softcap and not _flash_attn_has_softcap():
         return False
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def _attention_choice(device: torch.device, dtype: torch.dtype | None) -> str:
+def _attention_choice(device: torch.device, dtype: torch.dtype | None, softcap: bool = False) -> str:
     backend = _choose("attention", device)
     if simulated_gpu(device) is not None:
         # flash-attn and xformers save the same tensors as our kernel (q, k, v, O, LSE): plan with ours.
         return backend
     if requested_backend() == "auto" and device.type == "cuda":
-        if _flash_attn_supported(device, dtype):
+        if _flash_attn_supported(device, dtype, softcap):
             return "flash_attn"
-        if _has_module("xformers"):
+        if _has_module("xformers") and not softcap:  # xformers has no score soft-capping
             return "xformers"
+    if softcap and backend == "triton":
+        return "torch"  # until the Triton flash attention takes a softcap
     return backend
 
 
-def attention_backend(device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+def attention_backend(device: torch.device | str, dtype: torch.dtype | None = None, softcap: bool = False) -> str:
     """The attention implementation for tensors on ``device``: one of :data:`ATTENTION_BACKENDS`.
 
-    ``ENGINE_KERNELS=torch`` gives PyTorch SDPA and ``=triton`` our Triton flash attention. Unset
-    (automatic): on CUDA, the ``flash-attn`` package when installed and the GPU supports it (Ampere+,
-    fp16/bf16), else ``xformers`` when installed, else our Triton kernel; on CPU, PyTorch SDPA. Both
-    packages are optional extras, never required.
+    ``ENGINE_KERNELS=torch`` gives PyTorch (SDPA; with a softcap an explicit chunked computation) and
+    ``=triton`` our Triton flash attention. Unset (automatic): on CUDA, the ``flash-attn`` package when
+    installed and the GPU supports it (Ampere+, fp16/bf16; 2.6+ when ``softcap`` is set), else ``xformers``
+    when installed (never with ``softcap``: it cannot soft-cap scores), else our Triton kernel; on CPU,
+    PyTorch. Both packages are optional extras, never required.
     """
-    backend = _attention_choice(torch.device(device), dtype)
+    backend = _attention_choice(torch.device(device), dtype, softcap)
     recorder = _RECORDER.get()
     if recorder is not None:
         recorder.setdefault("attention", set()).add(backend)

@@ -267,3 +267,130 @@ def test_packed_attention_many_documents_equals_document_mask(dtype, window):
     assert_close(per_document, ref, dtype, "per_document.out", reduction=True)
     for name, g_, w_ in zip(("dq", "dk", "dv"), grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)):
         assert_close(g_, w_, dtype, f"packed.{name}", reduction=True)
+
+
+# --------------------------------------------------------------------------- score soft-capping (Gemma 2)
+
+SOFTCAP = 2.0  # small next to the test scores (|q.k| * scale up to ~5), so the cap really bends them
+
+
+def _transformers_eager(q, k, v, mask, scale, softcap):
+    """transformers' Gemma 2 ``eager_attention_forward`` (the independent oracle), in fp32, with the additive
+    mask it expects built from our boolean one; back to ``[b, h, s, d]``."""
+    from types import SimpleNamespace
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    module = SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False, head_dim=q.shape[-1])
+    additive = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out, _ = eager_attention_forward(module, q.float(), k.float(), v.float(), additive, scaling=scale, softcap=softcap)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("setup", ATTN_SETUPS)
+@pytest.mark.parametrize("heads", ATTN_HEADS)
+def test_attention_softcap_matches_reference_and_transformers(heads, setup, dtype):
+    """Padding, cache, packed documents (doc_ids), sliding window, GQA: forward and gradients against the plain
+    reference with the cap, and transformers' eager Gemma 2 attention."""
+    hq, hkv, d = heads
+    batch = 2
+    q_len, kv_len, kwargs = _attn_setup(setup, batch)
+    gen = torch.Generator().manual_seed(23)
+    scale = d**-0.5
+    q0 = torch.randn(batch, hq, q_len, d, generator=gen) * 2.0
+    k0, v0 = torch.randn(batch, hkv, kv_len, d, generator=gen) * 2.0, torch.randn(batch, hkv, kv_len, d, generator=gen)
+    do = torch.randn(batch, hq, q_len, d, generator=gen).to(dtype)
+    q, k, v = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qt, kt, vt = (leaf(t.to(dtype).float()) for t in (q0, k0, v0))
+    out = attention(q, k, v, scale=scale, softcap=SOFTCAP, **kwargs)
+    mask = build_attention_mask(q_len, kv_len, **kwargs)
+    ref = attention_reference(qr, kr, vr, mask, scale, softcap=SOFTCAP)
+    eager = _transformers_eager(qt, kt, vt, mask.expand(batch, 1, q_len, kv_len), scale, SOFTCAP)
+    assert out.shape == (batch, hq, q_len, d) and out.dtype == dtype
+    assert_close(out, ref, dtype, "softcap.out", reduction=True)
+    assert_close(out, eager.to(dtype), dtype, "softcap.out_vs_transformers", reduction=True)
+    uncapped = attention(q.detach(), k.detach(), v.detach(), scale=scale, **kwargs)
+    assert not torch.allclose(out.detach().float(), uncapped.float(), atol=1e-2)  # the cap changes the result
+    got, want = grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)
+    oracle = grads(eager, [qt, kt, vt], do.float())
+    for name, g_, w_, o_ in zip(("dq", "dk", "dv"), got, want, oracle):
+        assert_close(g_, w_, dtype, f"softcap.{name}", reduction=True)
+        assert_close(g_, o_.to(dtype), dtype, f"softcap.{name}_vs_transformers", reduction=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_softcap_doc_lengths_equals_document_mask(dtype, window):
+    """Packed documents given as doc_lengths (one call per document) with GQA: the block-diagonal oracle."""
+    hq, hkv, d = 6, 2, 24
+    lengths = (5, 1, 9, 4)
+    s = sum(lengths)
+    gen = torch.Generator().manual_seed(24)
+    docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    q0, k0 = torch.randn(1, hq, s, d, generator=gen) * 2.0, torch.randn(1, hkv, s, d, generator=gen) * 2.0
+    v0, do = torch.randn(1, hkv, s, d, generator=gen), torch.randn(1, hq, s, d, generator=gen).to(dtype)
+    q, k, v = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(dtype)) for t in (q0, k0, v0))
+    out = attention(q, k, v, scale=d**-0.5, doc_lengths=lengths, sliding_window=window, softcap=SOFTCAP)
+    by_ids = attention(q.detach(), k.detach(), v.detach(), scale=d**-0.5, doc_ids=docs, sliding_window=window,
+                       softcap=SOFTCAP)
+    mask = build_attention_mask(s, s, doc_ids=docs, sliding_window=window)
+    ref = attention_reference(qr, kr, vr, mask, d**-0.5, softcap=SOFTCAP)
+    assert_close(out, ref, dtype, "softcap_varlen.out", reduction=True)
+    assert_close(by_ids, ref, dtype, "softcap_doc_ids.out", reduction=True)
+    for name, g_, w_ in zip(("dq", "dk", "dv"), grads(out, [q, k, v], do), grads(ref, [qr, kr, vr], do)):
+        assert_close(g_, w_, dtype, f"softcap_varlen.{name}", reduction=True)
+
+
+def test_attention_softcap_chunks_change_nothing(monkeypatch):
+    """Queries in chunks of 1, 2 and 3 (a tiny chunk budget) give the same result and gradients as one chunk."""
+    import importlib
+
+    attention_module = importlib.import_module("kernels.attention")
+    gen = torch.Generator().manual_seed(25)
+    pad = torch.ones(2, 10, dtype=torch.bool)
+    pad[0, :2] = False
+    kwargs = {"q_offset": 3, "key_padding_mask": pad, "sliding_window": 4}
+    q0, k0, v0 = torch.randn(2, 4, 7, 16, generator=gen), torch.randn(2, 2, 10, 16, generator=gen), torch.randn(2, 2, 10, 16, generator=gen)
+    do = torch.randn(2, 4, 7, 16, generator=gen)
+    results = []
+    for rows in (None, 1, 2, 3):
+        if rows is not None:
+            monkeypatch.setattr(attention_module, "SOFTCAP_CHUNK_SCORES", 2 * 4 * 10 * rows)
+            assert attention_module._softcap_chunk(2 * 4, 10) == rows
+        q, k, v = leaf(q0 * 3), leaf(k0), leaf(v0)
+        out = attention(q, k, v, scale=0.25, softcap=1.5, **kwargs)
+        results.append([out, *grads(out, [q, k, v], do)])
+    for other in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), other, results[0]):
+            assert_close(a, b, torch.float32, f"chunked.{name}", reduction=True)
+
+
+def test_attention_huge_softcap_is_plain_attention():
+    """softcap -> infinity is attention without a cap (the SDPA path)."""
+    gen = torch.Generator().manual_seed(26)
+    q, k, v = torch.randn(2, 3, 6, 24, generator=gen), torch.randn(2, 1, 6, 24, generator=gen), torch.randn(2, 1, 6, 24, generator=gen)
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    capped = attention(q, k, v, scale=0.2, key_padding_mask=pad, softcap=1e6)
+    torch.testing.assert_close(capped, attention(q, k, v, scale=0.2, key_padding_mask=pad), rtol=1e-5, atol=1e-5)
+
+
+def test_attention_softcap_saves_no_score_matrix():
+    """Saved for backward: q, k, v and one fp32 log-sum-exp per query and head, never [s_q, s_k] scores."""
+    from tests.kernels.op_testing import record_saved
+
+    b, hq, hkv, s, d = 1, 4, 2, 40, 16
+    q, k, v = leaf(torch.randn(b, hq, s, d)), leaf(torch.randn(b, hkv, s, d)), leaf(torch.randn(b, hkv, s, d))
+    with record_saved() as saved:
+        attention(q, k, v, scale=0.25, softcap=5.0, sliding_window=8)
+    assert sorted(shape for shape, *_ in saved) == sorted([(b, hq, s, d), (b, hkv, s, d), (b, hkv, s, d),
+                                                           (b, hkv, hq // hkv, s)])
+
+
+@pytest.mark.parametrize("bad", [0.0, -50.0, "50", float("nan")])
+def test_attention_softcap_must_be_positive(bad):
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="softcap must be a positive number"):
+        attention(q, q, q, scale=0.3, softcap=bad)

@@ -141,3 +141,19 @@ def test_attention_backend_order(monkeypatch):
         dispatch.attention_backend("cuda", torch.bfloat16)
     assert used == {"attention": {"triton"}}
     assert describe_backends("cuda", torch.bfloat16)["attention"] == "triton"
+
+
+def test_attention_backend_with_softcap(monkeypatch):
+    """A softcap (Gemma 2) never goes to xformers (it cannot cap scores), and to flash-attn only from 2.6."""
+    monkeypatch.setattr(dispatch, "HAS_TRITON", True)
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_has_module", lambda name: name in {"flash_attn", "xformers"})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(dispatch, "_flash_attn_has_softcap", lambda: True)
+    assert dispatch.attention_backend("cuda", torch.bfloat16, softcap=True) == "flash_attn"
+    monkeypatch.setattr(dispatch, "_flash_attn_has_softcap", lambda: False)  # flash-attn < 2.6
+    assert dispatch.attention_backend("cuda", torch.bfloat16, softcap=False) == "flash_attn"
+    assert dispatch.attention_backend("cuda", torch.bfloat16, softcap=True) != "xformers"
+    assert dispatch.attention_backend("cuda", torch.float32, softcap=True) != "xformers"
+    assert dispatch.attention_backend("cpu", torch.bfloat16, softcap=True) == "torch"

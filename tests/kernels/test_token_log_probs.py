@@ -222,3 +222,23 @@ def test_causal_lm_token_log_probs_equals_full_logits(hf_folders):
         want_grads = torch.autograd.grad((want * weights).sum(), trainable)
         for a, b in zip(got_grads, want_grads):
             assert_close(a, b, torch.float32, "model.token_log_probs grad", reduction=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_log_probs_softcap_is_minus_the_softcapped_cross_entropy(dtype):
+    """Final-logit soft-capping (Gemma 2, c = 30): ``-sum(log p)`` equals the soft-capped cross-entropy sum of
+    :func:`fused_linear_cross_entropy` (itself checked against ``c * tanh(z / c)`` + ``F.cross_entropy``),
+    and so do the gradients."""
+    from kernels.cross_entropy import fused_linear_cross_entropy
+
+    hidden0, weight0, _ = _data(scale=40.0, seed=36)
+    targets = random_labels(N, V, "scattered")
+    h, w = leaf(hidden0.to(dtype)), leaf(weight0.to(dtype))
+    hc, wc = leaf(hidden0.to(dtype)), leaf(weight0.to(dtype))
+    assert (h.detach() @ w.detach().T).float().abs().max() > 2 * 30.0, "test data should exceed the softcap"
+    logp = linear_token_log_probs(h, w, targets, softcap=30.0, chunk_size=7)
+    ce = fused_linear_cross_entropy(hc, wc, targets, reduction="sum", softcap=30.0, chunk_size=7)
+    assert_close(-logp.sum(), ce, dtype, "tlp_vs_ce.sum", reduction=True)
+    got, want = grads(-logp.sum(), [h, w], torch.ones(())), grads(ce, [hc, wc], torch.ones(()))
+    assert_close(got[0], want[0], dtype, "tlp_vs_ce.dhidden", reduction=True)
+    assert_close(got[1], want[1], dtype, "tlp_vs_ce.dweight", reduction=True)
