@@ -24,7 +24,7 @@ from engine.models.families import family_for_model_type
 from engine.models.transformer import CausalLM
 from engine.modules import checkpointing
 from engine.modules.checkpointing import CheckpointChoice, CheckpointPolicy
-from engine.peft import LORA_TARGETS, LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
+from engine.peft import LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
 
 _DTYPES = {
     "float32": torch.float32,
@@ -242,7 +242,7 @@ class FastModel:
         r: int = 16,
         lora_alpha: float = 16,
         lora_dropout: float = 0.0,
-        target_modules=LORA_TARGETS,
+        target_modules=None,
         use_rslora: bool = False,
         use_gradient_checkpointing: bool | str | CheckpointPolicy = "auto",
         random_state: int = 3407,
@@ -257,7 +257,8 @@ class FastModel:
             model: from :meth:`from_pretrained`.
             r (int): adapter rank. lora_alpha (float): scale numerator (``alpha / r``).
             lora_dropout (float): dropout on the adapters' input.
-            target_modules: projection names, or ``"all-linear"``.
+            target_modules: projection names, or ``"all-linear"``; default ``None``: every projection of the model's
+                family (Llama-shaped: q/k/v/o/gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj).
             use_rslora (bool): scale by ``alpha / sqrt(r)``.
             use_gradient_checkpointing: which decoder layers are recomputed in backward (gradient checkpointing:
                 less memory, more time; the loss and gradients are the same). ``"auto"`` (default): the memory

@@ -64,6 +64,15 @@ FAMILY_CONFIGS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
     ),
+    # Phi-4-mini-like: fused projections, partial rotary (12 of 16 dims), LongRoPE switching at 16 positions.
+    "phi3": lambda: transformers.Phi3Config(
+        **{**_COMMON, "num_key_value_heads": 5}, tie_word_embeddings=False, original_max_position_embeddings=16,
+        bos_token_id=1, eos_token_id=2, pad_token_id=None,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                         "long_factor": [1.5, 2.0, 3.0, 4.5, 6.5, 9.0],
+                         "original_max_position_embeddings": 16},
+    ),
 }
 
 

@@ -88,7 +88,8 @@ def test_gguf_architecture_and_name_pick_the_family():
     assert family_for_gguf("mistral").name == "mistral"
     assert family_for_gguf("qwen3", "Qwen3 8B").name == "qwen3"
     assert family_for_gguf("gemma2", "Gemma 2 9B").name == "gemma2"
-    assert set(gguf_architectures()) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"}
+    assert family_for_gguf("phi3", "Phi 4 Mini Instruct").name == "phi3"
+    assert set(gguf_architectures()) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
     with pytest.raises(UnsupportedArchitectureError, match="phi2"):
         family_for_gguf("phi2")
 
@@ -99,7 +100,11 @@ def test_name_map_round_trips_and_matches_llama_cpp_names(family):
         gguf = family.gguf_block_name(module, 7)
         assert gguf.startswith("blk.7.")
         assert family.hf_module(gguf.removeprefix("blk.7.")) == module
-    assert family.gguf_block_name("self_attn.q_proj", 0) == "blk.0.attn_q"
+    if family.name == "phi3":  # fused projections: llama.cpp's attn_qkv, and ffn_up holding gate and up
+        assert family.gguf_block_name("self_attn.qkv_proj", 0) == "blk.0.attn_qkv"
+        assert family.gguf_block_name("mlp.gate_up_proj", 2) == "blk.2.ffn_up"
+    else:
+        assert family.gguf_block_name("self_attn.q_proj", 0) == "blk.0.attn_q"
     assert family.gguf_block_name("mlp.down_proj", 3) == "blk.3.ffn_down"
     assert family.gguf_block_name("mlp.nonexistent", 0) is None and family.hf_module("nope") is None
 

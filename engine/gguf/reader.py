@@ -98,6 +98,10 @@ _MAX_TOKENIZER_ARRAY_LEN = 1024
 # tensors are mapped by the family (``Family.hf_module``), from the one name map in engine.models.families.
 _GLOBAL_TENSORS: dict[str, str] = {gguf_tensor_name(t): module for module, t in GLOBAL_TENSORS.items()}
 _ROPE_FREQS = TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS] + ".weight"
+#: LongRoPE's per-frequency factors (Phi-3), written by llama.cpp's converter as two whole-model tensors.
+_ROPE_LONG = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG] + ".weight"
+_ROPE_SHORT = TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_SHORT] + ".weight"
+_ROPE_TENSORS = (_ROPE_FREQS, _ROPE_LONG, _ROPE_SHORT)
 _OUTPUT_WEIGHT = TENSOR_NAMES[MODEL_TENSOR.OUTPUT] + ".weight"
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _GLOBAL_RE = re.compile(r"(\w+)\.(weight|bias)")
@@ -383,14 +387,18 @@ def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, 
     return params
 
 
-def _rope_parameters(m: _Meta, theta: float, head_dim: int, rope_freqs: np.ndarray | None) -> dict:
+def _rope_parameters(m: _Meta, theta: float, head_dim: int, rope_tensors: Mapping[str, np.ndarray],
+                     rope_dim: int, max_pos: int) -> dict:
     """Builds a transformers ``rope_parameters`` dict from the ``{arch}.rope.*`` keys.
 
     Args:
         m: Metadata accessor.
         theta: The RoPE base (``{arch}.rope.freq_base``).
         head_dim: The attention head size.
-        rope_freqs: The dequantized ``rope_freqs`` tensor, if the file has one.
+        rope_tensors: The dequantized ``rope_freqs`` (Llama 3) / ``rope_factors_long`` + ``rope_factors_short``
+            (LongRoPE) tensors the file has.
+        rope_dim: How many dimensions of each head RoPE rotates (``partial_rotary_factor = rope_dim / head_dim``).
+        max_pos: The context length (LongRoPE's ``max_position_embeddings``).
 
     Returns:
         E.g. ``{"rope_type": "default", "rope_theta": 10000.0}`` or a scaled variant.
@@ -399,6 +407,18 @@ def _rope_parameters(m: _Meta, theta: float, head_dim: int, rope_freqs: np.ndarr
         CheckpointError: An unsupported scaling type or a missing factor.
     """
     params: dict[str, object] = {"rope_type": "default", "rope_theta": theta}
+    if rope_dim != head_dim:
+        params["partial_rotary_factor"] = rope_dim / head_dim
+    rope_freqs = rope_tensors.get(_ROPE_FREQS)
+    if _ROPE_LONG in rope_tensors and _ROPE_SHORT in rope_tensors:
+        original = m.get_int(Keys.Rope.SCALING_ORIG_CTX_LEN, max_pos)
+        params.update(rope_type="longrope", original_max_position_embeddings=original,
+                      long_factor=[float(v) for v in rope_tensors[_ROPE_LONG].reshape(-1)],
+                      short_factor=[float(v) for v in rope_tensors[_ROPE_SHORT].reshape(-1)])
+        attn_factor = m.get_float(Keys.Rope.SCALING_ATTN_FACTOR)
+        if attn_factor is not None:
+            params["attention_factor"] = attn_factor
+        return params
     scaling = m.get(Keys.Rope.SCALING_TYPE)
     factor = m.get_float(Keys.Rope.SCALING_FACTOR)
     legacy_linear = m.get_float("{arch}.rope.scale_linear")  # written by old converters
@@ -444,7 +464,7 @@ def _build_config(
     arch: str,
     tensor_shapes: Mapping[str, tuple[int, ...]],
     token_count: int | None,
-    rope_freqs: np.ndarray | None,
+    rope_tensors: Mapping[str, np.ndarray],
     path: Path,
 ) -> transformers.PretrainedConfig:
     """Builds the Hugging Face config from GGUF metadata.
@@ -454,7 +474,7 @@ def _build_config(
         arch: ``general.architecture`` (one of :data:`SUPPORTED_ARCHITECTURES`).
         tensor_shapes: GGUF tensor name -> Hugging Face-order shape.
         token_count: Length of ``tokenizer.ggml.tokens`` (None if absent).
-        rope_freqs: The ``rope_freqs`` tensor, if present.
+        rope_tensors: The ``rope_freqs`` / ``rope_factors_long`` / ``rope_factors_short`` tensors the file has.
         path: The file, for messages.
 
     Returns:
@@ -484,10 +504,10 @@ def _build_config(
         q_shape = tensor_shapes.get("blk.0.attn_q.weight")
         head_dim = q_shape[0] // n_heads if q_shape else hidden // n_heads
     rope_dim = m.get_int(Keys.Rope.DIMENSION_COUNT)
-    if rope_dim is not None and rope_dim != head_dim:
+    if rope_dim is not None and not 0 < rope_dim <= head_dim:
         raise CheckpointError(
-            f"{path} rotates only {rope_dim} of {head_dim} head dimensions ({m.key(Keys.Rope.DIMENSION_COUNT)}); "
-            "partial rotary embeddings are not supported by the engine's model code."
+            f"{path} says RoPE rotates {rope_dim} dimensions ({m.key(Keys.Rope.DIMENSION_COUNT)}) of heads of "
+            f"{head_dim}; the file is corrupt, convert it again."
         )
 
     vocab = m.get_int(Keys.LLM.VOCAB_SIZE)
@@ -520,7 +540,7 @@ def _build_config(
         hidden_act="silu",
         max_position_embeddings=max_pos,
         rms_norm_eps=rms_eps,
-        rope_parameters=_rope_parameters(m, float(theta), head_dim, rope_freqs),
+        rope_parameters=_rope_parameters(m, float(theta), head_dim, rope_tensors, rope_dim or head_dim, max_pos),
         tie_word_embeddings=_OUTPUT_WEIGHT not in tensor_shapes,
         bos_token_id=token_id(Keys.Tokenizer.BOS_ID),
         eos_token_id=token_id(Keys.Tokenizer.EOS_ID),
@@ -620,10 +640,8 @@ def _read_config(reader: GGUFReader, p: Path):
     shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in tensors.items()}
     tokens_field = reader.fields.get(Keys.Tokenizer.LIST)
     token_count = _array_len(tokens_field) if tokens_field is not None else None
-    rope_freqs = None
-    if _ROPE_FREQS in tensors:
-        rope_freqs = _dequantize(tensors[_ROPE_FREQS], shapes[_ROPE_FREQS], p)
-    config = _build_config(meta, arch, shapes, token_count, rope_freqs, p)
+    rope_tensors = {n: _dequantize(tensors[n], shapes[n], p) for n in _ROPE_TENSORS if n in tensors}
+    config = _build_config(meta, arch, shapes, token_count, rope_tensors, p)
     return meta, arch, tensors, shapes, config
 
 
@@ -671,7 +689,7 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     hf_to_gguf: dict[str, str] = {}
     unknown: list[str] = []
     for name in tensors:
-        if name == _ROPE_FREQS:
+        if name in _ROPE_TENSORS:
             continue
         hf = _hf_name(name, family)
         if hf is None or hf not in expected:

@@ -314,6 +314,10 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
     if params.get("rope_type") == "llama3":
         factors = llama3_rope_factors(params, args.head_dim)
         yield _tname(MODEL_TENSOR.ROPE_FREQS), tuple(factors.shape), lambda: factors
+    if params.get("rope_type") == "longrope":  # Phi-3: both factor sets; llama.cpp picks one by context size
+        for kind, key in ((MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"), (MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor")):
+            factors = torch.tensor(params[key], dtype=torch.float32)
+            yield _tname(kind), tuple(factors.shape), (lambda f=factors: f)
     for i, layer in enumerate(model.model.layers):
         # Every per-layer tensor, in the family's name-map order; modules a model lacks (q_norm) are skipped.
         for module_path, kind in family.block_tensors.items():
@@ -381,7 +385,7 @@ def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
     writer.add_head_count_kv(args.num_kv_heads)
     writer.add_layer_norm_rms_eps(float(args.rms_norm_eps))
     writer.add_vocab_size(args.vocab_size)
-    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_rope_dimension_count(args.rotary_dim)
     if args.hidden_size % args.num_heads != 0 or args.head_dim != args.hidden_size // args.num_heads:
         writer.add_key_length(args.head_dim)
         writer.add_value_length(args.head_dim)
@@ -402,9 +406,13 @@ def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
         ):
             if params.get(key) is not None:
                 add(float(params[key]))
+    elif rope_type == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(int(model.args.long_rope_threshold))
+        writer.add_rope_scaling_attn_factors(float(args.rope_attention_scaling))
     elif rope_type not in ("default", "llama3", "dynamic"):
         raise UnsupportedArchitectureError(
-            f"RoPE scaling {rope_type!r} cannot be written to GGUF (supported: default, linear, yarn, llama3)"
+            f"RoPE scaling {rope_type!r} cannot be written to GGUF (supported: default, linear, yarn, llama3, "
+            "longrope)"
         )
     windows = {w for w in args.sliding_windows if w is not None}
     if windows and family.gguf_sliding_window:

@@ -94,5 +94,6 @@ def load_weights(
             "checkpoint is of another architecture; download it again."
         )
     model.inv_freq = model.args.inv_freq.clone().to(device)
-    if model.args.local_inv_freq is not None:
-        model.local_inv_freq = model.args.local_inv_freq.clone().to(device)
+    for name in ("local_inv_freq", "long_inv_freq"):
+        if getattr(model.args, name) is not None:
+            setattr(model, name, getattr(model.args, name).clone().to(device))

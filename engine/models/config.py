@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.models.families import family_for_model_type, supported_model_types
-from engine.models.rope import rope_inverse_frequencies
+from engine.models.rope import rope_inverse_frequencies, rotary_dim
 
 #: transformers ``model_type`` values the engine implements (from :data:`engine.models.families.FAMILIES`).
 SUPPORTED_MODEL_TYPES = supported_model_types()
@@ -40,6 +40,12 @@ class ModelArgs:
         sandwich_norms: RMSNorm after attention and after the MLP too (Gemma 2/3): ``x + post(attn(pre(x)))``.
         local_inv_freq: RoPE inverse frequencies of the sliding-window layers when they differ (Gemma 3);
             ``local_rope_attention_scaling`` their cos/sin scaling. Layers with a window use them.
+        rotary_dim: how many leading dimensions of each head RoPE rotates (``head_dim`` unless partial: Phi-4-mini).
+        long_inv_freq: LongRoPE's long-context frequencies (Phi-3), used by a forward whose largest position id is
+            at least ``long_rope_threshold`` (the config's ``original_max_position_embeddings``); ``inv_freq`` holds
+            the short ones.
+        fused_qkv: one ``qkv_proj`` projection ``[(h + 2 kv) * hd, d]`` instead of q/k/v (Phi-3).
+        fused_gate_up: one ``gate_up_proj`` projection ``[2 * intermediate, d]`` (gate rows first) instead of two.
         tie_word_embeddings: ``lm_head`` shares the input embedding matrix.
         inv_freq: fp32 ``[head_dim // 2]`` RoPE inverse frequencies (scaling already applied).
         rope_attention_scaling: multiplier of cos/sin (1.0 except for some RoPE scalings).
@@ -72,6 +78,15 @@ class ModelArgs:
     sandwich_norms: bool = False
     local_inv_freq: torch.Tensor | None = None
     local_rope_attention_scaling: float = 1.0
+    rotary_dim: int | None = None
+    long_inv_freq: torch.Tensor | None = None
+    long_rope_threshold: int | None = None
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+
+    def __post_init__(self):
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
@@ -119,5 +134,6 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
         eos_token_id=getattr(hf_config, "eos_token_id", None),
         pad_token_id=getattr(hf_config, "pad_token_id", None),
         activation=family.activation(hf_config),
+        rotary_dim=rotary_dim(hf_config, head_dim),
         **family.model_fields(hf_config, head_dim),
     )

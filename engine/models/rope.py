@@ -57,9 +57,50 @@ def per_layer_type_rope(hf_config) -> bool:
     return isinstance(params, dict) and bool(params) and all(isinstance(v, dict) for v in params.values())
 
 
+def rotary_dim(hf_config, head_dim: int) -> int:
+    """How many of a head's dimensions RoPE rotates (all of them unless ``partial_rotary_factor`` < 1: Phi-4-mini)."""
+    factor = rope_parameters(hf_config).get("partial_rotary_factor")
+    if factor is None:
+        factor = getattr(hf_config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * float(factor))
+
+
+def longrope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """LongRoPE (Phi-3/3.5/4-mini): ``(short, long, attention_scaling, original_max_position_embeddings)``.
+
+    ``short`` and ``long`` are the inverse frequencies ``[rotary_dim // 2]`` divided by the config's per-frequency
+    ``short_factor`` / ``long_factor``; a forward whose largest position id + 1 exceeds
+    ``original_max_position_embeddings`` uses ``long``, any other ``short`` (transformers decides per forward, from
+    the positions; llama.cpp decides once, from the context size). Both are scaled by ``attention_scaling``:
+    ``sqrt(1 + ln(f) / ln(original))`` with ``f = max_position_embeddings / original`` unless the config gives
+    ``factor`` or ``attention_factor`` (1 when ``f <= 1``).
+    """
+    params = rope_parameters(hf_config)
+    dim = rotary_dim(hf_config, head_dim)
+    base = float(params["rope_theta"])
+    original = params.get("original_max_position_embeddings") or getattr(hf_config, "original_max_position_embeddings")
+    original = int(original)
+    factor = params.get("factor")
+    if factor is None:
+        factor = hf_config.max_position_embeddings / original
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short, long = (1.0 / (torch.tensor(params[k], dtype=torch.float32) * base**shape)
+                   for k in ("short_factor", "long_factor"))
+    if short.shape != shape.shape or long.shape != shape.shape:
+        raise UnsupportedArchitectureError(
+            f"rope_parameters short_factor/long_factor have {len(params['short_factor'])}/{len(params['long_factor'])} "
+            f"entries, expected rotary_dim / 2 = {dim // 2}"
+        )
+    return short, long, float(scaling), original
+
+
 def rope_inverse_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
-    """RoPE inverse frequencies ``[head_dim // 2]`` (fp32) and the cos/sin scaling for a config
-    (for ``layer_type``'s settings where layer types differ, see :func:`rope_parameters`).
+    """RoPE inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for a config
+    (for ``layer_type``'s settings where layer types differ, see :func:`rope_parameters`). ``longrope`` gives its
+    short frequencies here (see :func:`longrope_inverse_frequencies`).
 
     Raises:
         UnsupportedArchitectureError: a RoPE type neither this module nor transformers implements.
@@ -67,7 +108,11 @@ def rope_inverse_frequencies(hf_config, head_dim: int, layer_type: str | None = 
     params = rope_parameters(hf_config, layer_type)
     rope_type = params.get("rope_type", "default")
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    dim = rotary_dim(hf_config, head_dim)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_type == "longrope":
+        short, _, scaling, _ = longrope_inverse_frequencies(hf_config, head_dim)
+        return short, scaling
     if rope_type == "default":
         return inv_freq, 1.0
     if rope_type == "linear":

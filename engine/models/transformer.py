@@ -18,7 +18,7 @@ from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import current_policy, training_policy
 from engine.modules.linear import Linear, glu_mlp, project, tiled_glu_mlp
-from kernels import attention, fused_linear_cross_entropy, rms_norm, rope, rope_cos_sin
+from kernels import attention, fused_linear_cross_entropy, glu_activation, rms_norm, rope, rope_cos_sin
 from kernels.attention import PackedLayout, packed_layout
 from kernels.dispatch import attention_backend
 from kernels.lora_fused import DequantWorkspace
@@ -85,9 +85,14 @@ class Attention(nn.Module):
         self.sliding_window = args.sliding_windows[layer_idx] if args.sliding_windows else None
         # Sliding-window layers use the local RoPE tables where the family has them (Gemma 3).
         self.local_rope = self.sliding_window is not None and args.local_inv_freq is not None
-        self.q_proj = Linear(d, args.num_heads * hd, args.qkv_bias, device, dtype)
-        self.k_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
-        self.v_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
+        self.rotary_dim = args.rotary_dim
+        self.fused_qkv = args.fused_qkv
+        if self.fused_qkv:  # Phi-3: one projection, rows q | k | v
+            self.qkv_proj = Linear(d, (args.num_heads + 2 * args.num_kv_heads) * hd, args.qkv_bias, device, dtype)
+        else:
+            self.q_proj = Linear(d, args.num_heads * hd, args.qkv_bias, device, dtype)
+            self.k_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
+            self.v_proj = Linear(d, args.num_kv_heads * hd, args.qkv_bias, device, dtype)
         self.o_proj = Linear(args.num_heads * hd, d, args.o_bias, device, dtype)
         if args.qk_norm:
             self.q_norm = RMSNorm(hd, args.rms_norm_eps, device, dtype, args.norm_offset)
@@ -98,16 +103,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Args: x (Tensor): ``[b, s, d]``. Returns: Tensor ``[b, s, d]``."""
         b, s, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), ctx.workspace, self.training)
-        q = q.view(b, s, self.num_heads, self.head_dim)
-        k = k.view(b, s, self.num_kv_heads, self.head_dim)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        hd = self.head_dim
+        if self.fused_qkv:
+            qkv = project(x, (self.qkv_proj,), ctx.workspace, self.training)[0]
+            q, k, v = qkv.split([self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
+        else:
+            q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), ctx.workspace, self.training)
+        q = q.reshape(b, s, self.num_heads, hd)
+        k = k.reshape(b, s, self.num_kv_heads, hd)
+        v = v.reshape(b, s, self.num_kv_heads, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.local_rope:
-            q, k = rope(q, k, ctx.local_cos, ctx.local_sin)
+        cos, sin = (ctx.local_cos, ctx.local_sin) if self.local_rope else (ctx.cos, ctx.sin)
+        if self.rotary_dim < hd:  # partial rotary (Phi-4-mini): the trailing dimensions pass through
+            rd = self.rotary_dim
+            q_rot, k_rot = rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), cos, sin)
+            q, k = torch.cat([q_rot, q[..., rd:]], -1), torch.cat([k_rot, k[..., rd:]], -1)
         else:
-            q, k = rope(q, k, ctx.cos, ctx.sin)
+            q, k = rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q_offset = 0
         if ctx.cache is not None:
@@ -142,14 +155,24 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, device=None, dtype=None):
         super().__init__()
         d, f = args.hidden_size, args.intermediate_size
-        self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
-        self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
+        self.fused_gate_up = args.fused_gate_up
+        if self.fused_gate_up:  # Phi-3: one projection, rows gate | up
+            self.gate_up_proj = Linear(d, 2 * f, args.mlp_bias, device, dtype)
+        else:
+            self.gate_proj = Linear(d, f, args.mlp_bias, device, dtype)
+            self.up_proj = Linear(d, f, args.mlp_bias, device, dtype)
         self.down_proj = Linear(f, d, args.mlp_bias, device, dtype)
         self.activation = args.activation
         self.tile_rows: int | str | None = None
 
     def forward(self, x: torch.Tensor, workspace: DequantWorkspace | None = None) -> torch.Tensor:
         """Args: x (Tensor): ``[..., d]``. Returns: Tensor ``[..., d]``."""
+        if self.fused_gate_up:
+            # The fused MLP Functions need separate gate/up projections: project, then the GLU op, then down
+            # (autograd keeps gate/up and h; tiling does not apply).
+            gate, up = project(x, (self.gate_up_proj,), workspace, self.training)[0].chunk(2, dim=-1)
+            h = glu_activation(self.activation)(gate, up)
+            return project(h, (self.down_proj,), workspace, self.training)[0]
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         tokens = x.numel() // x.shape[-1]
         rows = auto_tile_rows(tokens) if self.tile_rows == "auto" else self.tile_rows
@@ -253,6 +276,13 @@ def _lengths_from_cu_seq_lens(cu_seq_lens: torch.Tensor, s: int) -> tuple[int, .
     return lengths
 
 
+def _longest_position(position_ids: torch.Tensor) -> int:
+    """Largest position id + 1 (one host sync); on ``meta`` tensors (memory planning), the row length."""
+    if position_ids.device.type == "meta":
+        return position_ids.shape[-1]
+    return int(position_ids.max()) + 1
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model with a (possibly tied) output head.
 
@@ -278,8 +308,9 @@ class CausalLM(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", args.inv_freq.clone().to(device), persistent=False)
-        local = args.local_inv_freq
+        local, long = args.local_inv_freq, args.long_inv_freq
         self.register_buffer("local_inv_freq", None if local is None else local.clone().to(device), persistent=False)
+        self.register_buffer("long_inv_freq", None if long is None else long.clone().to(device), persistent=False)
         self.gradient_checkpointing: bool | str = False
         self.tiled_mlp: int | str | None = None  # rows per MLP tile in training (FastModel.set_tiled_mlp), None: off
         # Attached by the loader: the transformers config and the source the weights came from.
@@ -393,7 +424,10 @@ class CausalLM(nn.Module):
         off_cpu_torch = input_ids.device.type != "cpu" and attention_backend(input_ids.device, dtype) == "torch"
         if doc_lengths is not None and off_cpu_torch:
             layout = packed_layout(doc_lengths, input_ids.device)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.args.rope_attention_scaling, dtype)
+        inv_freq = self.inv_freq
+        if self.long_inv_freq is not None and _longest_position(position_ids) > self.args.long_rope_threshold:
+            inv_freq = self.long_inv_freq  # LongRoPE: per forward, from the positions (as transformers decides)
+        cos, sin = rope_cos_sin(position_ids, inv_freq, self.args.rope_attention_scaling, dtype)
         local_cos = local_sin = None
         if self.local_inv_freq is not None:
             local_cos, local_sin = rope_cos_sin(

@@ -15,17 +15,31 @@ import transformers
 
 from engine import FastModel
 from tests.conftest import FAMILY_CONFIGS
-from tests.export.test_llama_cpp import held_out_tokens, llama_logits
+from tests.export.test_llama_cpp import held_out_tokens
 
-FAMILIES = ["gemma", "gemma2", "gemma3"]
+
+def llama_logits(path, tokens: list[int], n_ctx: int = 256, **kwargs) -> np.ndarray:
+    """llama.cpp's logits ``[len(tokens), V]`` with a context of ``n_ctx`` (256: Phi-3's short LongRoPE factors)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, **kwargs)
+    llm.eval(tokens)
+    out = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return out
+
+FAMILIES = ["gemma", "gemma2", "gemma3", "phi3"]
 NEAR_TIE = 0.05  # f16 weights and KV cache in llama.cpp: top-1 may swap only between logits this close
 
 
 def _folder(family, tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp(f"{family}_chat")
+    # Not named after the family: llama.cpp gives Phi-3's special tokens (</s>, <unk>, <s>, <|endoftext|>) extra
+    # attributes when general.name contains "phi3" and fails to load a vocabulary without them (SmolLM2's here).
+    folder = tmp_path_factory.mktemp(f"tiny_model_{FAMILIES.index(family)}")
     config = FAMILY_CONFIGS[family]()
     config.vocab_size = len(tokenizer)
     config.max_position_embeddings = 512
+    if family == "phi3":  # LongRoPE switching at 256 positions (llama.cpp's smallest context is 256)
+        config.original_max_position_embeddings = 256
+        config.rope_parameters["original_max_position_embeddings"] = 256
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -39,11 +53,11 @@ def _folder(family, tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, tmp_path_factory, smollm2_tokenizer):
-    """``(family, engine model, tokenizer, {method: gguf path})`` for one family."""
+    """``(family, engine model, tokenizer, {method: gguf path})`` for one family (tests must not change the model)."""
     family = request.param
-    model, tokenizer = FastModel.from_pretrained(
-        str(_folder(family, tmp_path_factory, smollm2_tokenizer)), dtype="float32", verbose=False
-    )
+    folder = _folder(family, tmp_path_factory, smollm2_tokenizer)
+    model, tokenizer = FastModel.from_pretrained(str(folder), dtype="float32", verbose=False)
+    model.source_folder = folder
     out = tmp_path_factory.mktemp(f"{family}_gguf")
     paths = model.save_pretrained_gguf(out, tokenizer, quantization_method=["f16", "q8_0", "q4_k_m"])
     return family, model, tokenizer, {p.name.rsplit("-", 1)[1].removesuffix(".gguf").lower(): p for p in paths}
@@ -75,10 +89,12 @@ def test_gguf_reads_back_into_the_engine(exported):
     loaded, _ = FastModel.from_pretrained(str(paths["f16"]), dtype="float32", verbose=False)
     assert loaded.args.model_type == model.args.model_type
     for field in ("norm_offset", "embed_scale", "attention_scale", "attn_softcap", "final_softcap", "sandwich_norms",
-                  "sliding_windows", "qk_norm", "activation"):
+                  "sliding_windows", "qk_norm", "activation", "rotary_dim", "fused_qkv", "fused_gate_up",
+                  "long_rope_threshold"):
         assert getattr(loaded.args, field) == getattr(model.args, field), field
-    if model.args.local_inv_freq is not None:
-        torch.testing.assert_close(loaded.local_inv_freq, model.local_inv_freq)
+    for table in ("local_inv_freq", "long_inv_freq"):
+        if getattr(model, table) is not None:
+            torch.testing.assert_close(getattr(loaded, table), getattr(model, table))
     torch.testing.assert_close(loaded.inv_freq, model.inv_freq)
     ids = torch.randint(0, model.args.vocab_size, (1, 20))
     with torch.no_grad():
@@ -88,7 +104,8 @@ def test_gguf_reads_back_into_the_engine(exported):
 
 @pytest.mark.slow
 def test_lora_gguf_applies_in_llama_cpp(exported, tmp_path):
-    family, model, tokenizer, _ = exported
+    family, shared, tokenizer, _ = exported
+    model, _ = FastModel.from_pretrained(str(shared.source_folder), dtype="float32", verbose=False)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
     torch.manual_seed(3)
     for name, param in model.named_parameters():
@@ -107,6 +124,26 @@ def test_lora_gguf_applies_in_llama_cpp(exported, tmp_path):
     diff = np.abs(with_adapter - merged_logits).max()
     print(f"\n{family} LoRA GGUF: max |adapter - merged| {diff:.4f}, adapter effect {effect:.4f}")
     assert effect > 0.1 and diff < 0.05 * effect
+
+
+@pytest.mark.parametrize("exported", ["phi3"], indirect=True)
+def test_phi3_long_factors_past_the_original_length(exported):
+    """LongRoPE regimes: transformers (and the engine) use the long factors when a forward's positions pass
+    original_max_position_embeddings (256 here), llama.cpp when its context size n_ctx does. The test above is the
+    short regime (48 tokens, n_ctx 256); here 300 tokens with n_ctx 512 use the long factors on both sides, and
+    the first 48 positions then differ from the short-regime logits (the regime is per forward, not per position)."""
+    _, model, tokenizer, paths = exported
+    tokens = held_out_tokens(tokenizer, 300)
+    theirs = llama_logits(paths["f16"], tokens, n_ctx=512)
+    with torch.no_grad():
+        long = model(torch.tensor([tokens])).logits[0].numpy()
+        short = model(torch.tensor([tokens[:48]])).logits[0].numpy()
+    scale = max(1.0, float(np.abs(long).max()))
+    print(f"\nphi3 long regime: max |dlogit| {np.abs(theirs - long).max():.4f} (scale {scale:.2f}), "
+          f"short vs long on the first 48 positions {np.abs(long[:48] - short).max():.4f}")
+    assert np.abs(theirs - long).max() < 2e-2 * scale
+    assert (theirs.argmax(-1) == long.argmax(-1)).mean() > 0.97
+    assert np.abs(long[:48] - short).max() > 10 * np.abs(theirs - long).max()
 
 
 def test_query_scale_llama_cpp_cannot_express_is_refused(hf_folders, tmp_path):

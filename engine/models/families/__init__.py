@@ -14,6 +14,7 @@ from engine.models.families.gemma2 import GEMMA2
 from engine.models.families.gemma3 import GEMMA3
 from engine.models.families.llama import LLAMA
 from engine.models.families.mistral import MISTRAL
+from engine.models.families.phi3 import PHI3
 from engine.models.families.qwen2 import QWEN2
 from engine.models.families.qwen3 import QWEN3
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 #: Every family the engine serves, in the order the docs list them.
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3)
 
 
 def supported_model_types() -> tuple[str, ...]:
