@@ -132,6 +132,24 @@ def make_tiny_chat_hf_model(seed: int = 0) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def save_family_chat_model(family: str, folder: Path, tokenizer, **config_overrides) -> Path:
+    """A tiny random model of ``family`` sized for ``tokenizer``'s vocabulary (512 positions), saved with it."""
+    config = FAMILY_CONFIGS[family]()
+    config.vocab_size = len(tokenizer)
+    config.max_position_embeddings = 512
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape) * 0.2)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_folder(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A Hugging Face folder: tiny random Llama (hidden 80, 2 layers) + SmolLM2's tokenizer and chat template."""

@@ -109,6 +109,28 @@ def test_left_padding_matches_unpadded_rows(family, hf_folders):
     assert torch.isfinite(padded).all()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_row_equals_each_document_alone_in_transformers(family, hf_folders):
+    """One padding-free row of three documents (restarting position ids): per-document logits and the summed loss
+    equal transformers run on each document by itself (longer than the sliding window of 6)."""
+    hf = make_hf_model(family)
+    ours, _ = FastModel.from_pretrained(hf_folders[family], dtype=torch.float32, device="cpu", verbose=False)
+    docs = [torch.randint(0, 211, (1, n)) for n in (9, 4, 13)]
+    row = torch.cat(docs, 1)
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        got = ours(row, position_ids=positions, labels=row, return_logits=True)
+        start, losses, count = 0, 0.0, 0
+        for d in docs:
+            n = d.shape[1]
+            ref = hf(d, labels=d)
+            assert_close_rel(got.logits[0, start:start + n], ref.logits[0], what=f"{family} packed document")
+            losses += float(ref.loss) * (n - 1)
+            count += n - 1
+            start += n
+    assert abs(float(got.loss) - losses / count) <= 1e-5 * abs(losses / count)
+
+
 def test_sliding_window_changes_attention(hf_folders):
     """Mistral's window (6) is active on 19 tokens: logits differ from the same weights without a window."""
     hf, ours = load_pair("mistral", hf_folders["mistral"], lora=False)

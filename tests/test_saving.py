@@ -27,7 +27,7 @@ def _trained_lora_model(folder, family="llama", dtype=torch.float32):
     return FastModel.for_inference(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3", "phi3"])
 def test_adapter_loads_in_peft_with_identical_logits(family, hf_folders, tmp_path):
     model = _trained_lora_model(hf_folders[family], family)
     model.save_pretrained(tmp_path / "adapter")
@@ -78,8 +78,8 @@ def test_merged_folder_loads_in_transformers(hf_folders, tmp_path, save_method, 
     assert saved_dtype == str(dtype).replace("torch.", "")
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3"])
-def test_merged_gemma_folder_loads_in_transformers(hf_folders, tmp_path, family):
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "phi3"])
+def test_merged_folder_of_each_new_family_loads_in_transformers(hf_folders, tmp_path, family):
     model = _trained_lora_model(hf_folders[family], family)
     model.save_pretrained_merged(tmp_path / "merged", None, save_method="merged_32bit")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()

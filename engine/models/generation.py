@@ -140,6 +140,15 @@ def generate(
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            threshold = args.long_rope_threshold if args.long_inv_freq is not None else None
+            if threshold is not None and cache.length == threshold:
+                # LongRoPE (Phi-3): the sequence just passed the original context, so every position switches to the
+                # long factors; the cached keys were rotated with the short ones. Recompute them, as transformers'
+                # Phi-3 generate does (it drops its cache once at this point).
+                cache.length = 0
+                out = model(torch.cat(tokens, dim=1), attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+                cache.advance(attention_mask.shape[1])
+                continue
             out = model(nxt[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
             cache.advance(1)
     finally:

@@ -11,10 +11,9 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from engine import FastModel
-from tests.conftest import FAMILY_CONFIGS
+from tests.conftest import FAMILY_CONFIGS, save_family_chat_model
 from tests.export.test_llama_cpp import held_out_tokens
 
 
@@ -34,21 +33,11 @@ def _folder(family, tmp_path_factory, tokenizer):
     # Not named after the family: llama.cpp gives Phi-3's special tokens (</s>, <unk>, <s>, <|endoftext|>) extra
     # attributes when general.name contains "phi3" and fails to load a vocabulary without them (SmolLM2's here).
     folder = tmp_path_factory.mktemp(f"tiny_model_{FAMILIES.index(family)}")
-    config = FAMILY_CONFIGS[family]()
-    config.vocab_size = len(tokenizer)
-    config.max_position_embeddings = 512
     if family == "phi3":  # LongRoPE switching at 256 positions (llama.cpp's smallest context is 256)
-        config.original_max_position_embeddings = 256
-        config.rope_parameters["original_max_position_embeddings"] = 256
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(torch.randn(p.shape) * 0.2)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+        rope = {**FAMILY_CONFIGS["phi3"]().rope_parameters, "original_max_position_embeddings": 256}
+        return save_family_chat_model(family, folder, tokenizer, original_max_position_embeddings=256,
+                                      rope_parameters=rope)
+    return save_family_chat_model(family, folder, tokenizer)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
