@@ -59,6 +59,15 @@ def jit(fn: Callable | None = None, **kwargs):
     return triton.jit(fn, **kwargs) if HAS_TRITON else fn
 
 
+@jit
+def tanh(x):
+    """``tanh`` from ``exp`` (libdevice's is not available under the interpreter), stable for any ``|x|``:
+    ``(1 - e) / (1 + e)`` with ``e = exp(-2 |x|)`` in ``(0, 1]``, the sign restored afterwards."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
 def launchable(*tensors) -> bool:
     """False when a tensor is a ``meta`` (shape-only) tensor: memory planning runs the launch wrappers,
     which allocate their outputs as usual, but no kernel is launched (see :func:`kernels.dispatch.simulate_gpu`)."""

@@ -34,6 +34,7 @@ KERNEL_MODULES = (
     "kernels.rms_norm",
     "kernels.rope",
     "kernels.swiglu",
+    "kernels.geglu",
     "kernels.cross_entropy",
     "kernels.nf4_triton",
     "kernels.flash_attention",

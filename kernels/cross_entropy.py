@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
+from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tanh, tl
 from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
@@ -192,14 +192,6 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 @jit
-def _tanh(x):
-    """``tanh`` from ``exp`` (libdevice's is not available under the interpreter), stable for large ``|x|``."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@jit
 def _ce_rows_kernel(
     Z, z_stride, Y, LOSS, DENOM, n_cols, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -215,7 +207,7 @@ def _ce_rows_kernel(
     # The target logit is read before pass 1: its cross-warp reductions order it before pass 2's stores.
     z_y = tl.load(z_row + y).to(tl.float32)
     if HAS_SOFTCAP:
-        z_y = softcap * _tanh(z_y / softcap)
+        z_y = softcap * tanh(z_y / softcap)
 
     # Pass 1: online max and sum of exp over the row, in fp32.
     m = float("-inf")
@@ -225,7 +217,7 @@ def _ce_rows_kernel(
         mask = cols < n_cols
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -241,7 +233,7 @@ def _ce_rows_kernel(
             mask = cols < n_cols
             z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                t = _tanh(z / softcap)
+                t = tanh(z / softcap)
                 z = softcap * t
             dz = tl.exp(z - lse) - tl.where(cols == y, 1.0, 0.0)
             dz = dz * inv_denom

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, tanh, tl
 from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
@@ -73,6 +74,92 @@ def geglu_backward_torch(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor)
     return dgate, dup
 
 
+# --------------------------------------------------------------------------- Triton
+
+#: Elements per program and warps (as :mod:`kernels.swiglu`): 4 elements per thread.
+BLOCK = 1024
+NUM_WARPS = 8
+
+
+@jit
+def _gelu_tanh_parts(g):
+    """``(0.5 * g, 1 + t)`` with ``t = tanh(k * (g + c * g**3))``: ``gelu(g)`` is their product."""
+    t = tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+    return 0.5 * g, 1.0 + t
+
+
+@jit
+def _geglu_fwd_kernel(G, U, H, n, BLOCK: tl.constexpr):
+    """``h = gelu_tanh(g) * u``, rounded as PyTorch does (``gelu(g)`` to the input dtype, then the product)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    half_g, one_plus_t = _gelu_tanh_parts(g)
+    gelu = (half_g * one_plus_t).to(G.dtype.element_ty).to(tl.float32)
+    tl.store(H + offs, (gelu * u).to(H.dtype.element_ty), mask=mask)
+
+
+@jit
+def _geglu_bwd_kernel(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
+    """``dg = dh * u * gelu'(g)``, ``du = dh * gelu(g)``, with ``t`` recomputed (fp32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(DH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    half_g, one_plus_t = _gelu_tanh_parts(g)
+    t = one_plus_t - 1.0
+    dgelu = 0.5 * one_plus_t + half_g * (1.0 - t * t) * (0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g))
+    tl.store(DG + offs, (dh * u * dgelu).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + offs, (dh * half_g * one_plus_t).to(DU.dtype.element_ty), mask=mask)
+
+
+class GeGLUTritonFunction(torch.autograd.Function):
+    """The Triton kernels behind the same math as :class:`GeGLUFunction`."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        if gate.shape != up.shape or gate.dtype != up.dtype:
+            raise ValueError(f"geglu needs gate and up of one shape and dtype, got {gate.shape}/{gate.dtype} "
+                             f"and {up.shape}/{up.dtype}")
+        gate, up = gate.contiguous(), up.contiguous()
+        h = torch.empty_like(gate)
+        n = gate.numel()
+        if launchable(gate):
+            _geglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        ctx.save_for_backward(gate, up)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return geglu_backward_triton(dh, gate, up)
+
+
+def geglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` with the Triton backward kernel (``gate``/``up`` made contiguous if they are not)."""
+    dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()
+    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if launchable(dh):
+        _geglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return dgate, dup
+
+
+def audit_launches() -> list[AuditLaunch]:
+    """Forward and backward in bf16, fp16 and fp32 (the launch does not depend on the shape)."""
+    launches = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ptr, tag = dtype_signature(dtype), str(dtype).removeprefix("torch.")
+        launches.append(AuditLaunch("geglu", _geglu_fwd_kernel, {"G": ptr, "U": ptr, "H": ptr, "n": "i64"},
+                                    {"BLOCK": BLOCK}, NUM_WARPS, f"any shape {tag} fwd"))
+        bwd_sig = {"DH": ptr, "G": ptr, "U": ptr, "DG": ptr, "DU": ptr, "n": "i64"}
+        launches.append(AuditLaunch("geglu", _geglu_bwd_kernel, bwd_sig, {"BLOCK": BLOCK}, NUM_WARPS,
+                                    f"any shape {tag} bwd"))
+    return launches
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -86,5 +173,5 @@ def geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tu
     return _BACKWARDS[select_backend("geglu", gate.device)](dh, gate, up)
 
 
-_IMPLEMENTATIONS = {"torch": GeGLUFunction.apply}
-_BACKWARDS = {"torch": geglu_backward_torch}
+_IMPLEMENTATIONS = {"torch": GeGLUFunction.apply, "triton": GeGLUTritonFunction.apply}
+_BACKWARDS = {"torch": geglu_backward_torch, "triton": geglu_backward_triton}

@@ -4,8 +4,9 @@ Tolerances (as Liger-Kernel states them, one pair per dtype) are applied to the
 *scale* of the expected tensor: ``|actual - expected| <= atol * scale + rtol * |expected|``
 with ``scale = max(1, max|expected|)``. fp32 runs the same math in a different
 order (hand-written backward, chunked loss), so it agrees to about 1e-6 relative;
-bf16 differs by a few bf16 rounding steps (8 mantissa bits, eps = 2**-7). Results of long
-reductions get both tolerances doubled (``REDUCTION_FACTOR``).
+bf16 differs by a few bf16 rounding steps (8 mantissa bits, eps = 2**-7), fp16 by a few fp16
+steps (11 bits, eps = 2**-10). Results of long reductions get both tolerances doubled
+(``REDUCTION_FACTOR``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import torch
 # --------------------------------------------------------------------------- tolerances
 
 #: Absolute tolerance per dtype, multiplied by the scale (max |expected|, at least 1) of the compared tensor.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 #: Relative tolerance per dtype.
-RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 #: Both tolerances are multiplied by this for results of long reductions (matmuls over H or V, sums over rows),
 #: whose summation order legitimately differs between the fused op and the reference.
 REDUCTION_FACTOR = 2.0
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+#: :data:`DTYPES` and fp16, for kernels whose launch differs per 16-bit type.
+DTYPES_WITH_FP16 = [*DTYPES, pytest.param(torch.float16, id="fp16")]
 
 
 def tolerances(dtype: torch.dtype, reduction: bool = False) -> tuple[float, float]:
