@@ -486,8 +486,8 @@ def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window, softcap=
 def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
     from kernels.flash_attention import flash_attention_varlen
 
-    extra = {} if softcap is None else {"softcap": softcap}
-    return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window, **extra)
+    return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window,
+                                  softcap=softcap)
 
 
 def _flash_attn_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):

@@ -187,8 +187,6 @@ def _attention_choice(device: torch.device, dtype: torch.dtype | None, softcap: 
             return "flash_attn"
         if _has_module("xformers") and not softcap:  # xformers has no score soft-capping
             return "xformers"
-    if softcap and backend == "triton":
-        return "torch"  # until the Triton flash attention takes a softcap
     return backend
 
 

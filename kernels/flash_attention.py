@@ -35,8 +35,12 @@ Saved for backward: Q, K, V (the inputs, no copies), O and the fp32 LSE ``[n_hea
 inputs that is ``n_heads * (2 * d + 4)`` bytes per token in bf16 (8320 B for 32 heads of 128), never the
 ``[n, n]`` probabilities. The backward allocates delta (fp32, ``4 * n_heads`` B per token) and the gradients.
 
-Head dims 16..128: tiles are ``BLOCK_D = next_power_of_2(d)`` wide with the padded columns masked (80, 96 -> 128);
-``d`` is a compile-time constant (one compilation per model). Dots take 16-bit inputs with fp32 accumulation;
+Score soft-capping (Gemma 2, ``softcap = c``, constexpr ``HAS_SOFTCAP``): the scaled scores are capped before
+the mask and the softmax, ``s = c * tanh(scale * q . k / c)`` (``tanh`` from ``exp``, :func:`kernels._triton.tanh`);
+the backward recomputes ``t = tanh(.)`` with ``P`` and multiplies ``dS`` by ``1 - t^2`` before ``dQ`` and ``dK``.
+
+Head dims 16..256: tiles are ``BLOCK_D = next_power_of_2(d)`` wide with the padded columns masked (80, 96 -> 128;
+Phi-3.5-mini's 96 runs that way); ``d`` is a compile-time constant (one compilation per model). Dots take 16-bit inputs with fp32 accumulation;
 fp32 inputs multiply in full fp32 (not TF32). Tiles per head dim: :func:`_launch_config`.
 """
 
@@ -47,15 +51,26 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, interpreting, jit, launchable, next_power_of_2, tl
+from kernels._triton import (
+    AuditLaunch,
+    cdiv,
+    dtype_signature,
+    interpreting,
+    jit,
+    launchable,
+    next_power_of_2,
+    tanh,
+    tl,
+)
 
 #: Head dims the kernels take: ``BLOCK_D = next_power_of_2(head_dim)`` with the padded columns masked.
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
 MIN_HEAD_DIM = 16
 
 
-def flash_attention_reference(q, k, v, cu_seqlens, *, scale, causal=True, sliding_window=None):
-    """Plain softmax attention document by document, in fp32 (the oracle; autograd does the backward).
+def flash_attention_reference(q, k, v, cu_seqlens, *, scale, causal=True, sliding_window=None, softcap=None):
+    """Plain softmax attention document by document, in fp32 (the oracle; autograd does the backward); with
+    ``softcap`` the scaled scores are ``softcap * tanh(scores / softcap)`` before the mask.
 
     Shapes as :func:`flash_attention_varlen`; returns ``[total, n_heads, d]`` in ``q``'s dtype.
     """
@@ -71,7 +86,10 @@ def flash_attention_reference(q, k, v, cu_seqlens, *, scale, causal=True, slidin
         hidden = (j > i) if causal else torch.zeros_like(j > i)
         if sliding_window is not None:
             hidden |= j <= i - sliding_window
-        scores = ((qd @ kd.transpose(1, 2)) * scale).masked_fill(hidden, float("-inf"))
+        scores = (qd @ kd.transpose(1, 2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(hidden, float("-inf"))
         outputs.append((scores.softmax(-1) @ vd).transpose(0, 1).to(q.dtype))
     return torch.cat(outputs)
 
@@ -106,6 +124,20 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@jit
+def _scores(qk, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``(s, t)``: the scores in base 2, ``s = log2(e) * scale * qk``, or with ``HAS_SOFTCAP``
+    ``s = log2(e) * softcap * t`` with ``t = tanh(scale * qk / softcap)`` (``t`` is for the backward; without
+    a cap it is ``s`` itself, unused)."""
+    if HAS_SOFTCAP:
+        t = tanh(qk * (sm_scale / softcap))
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        s = qk * (sm_scale * 1.4426950408889634)
+        t = s
+    return s, t
 
 
 @jit
@@ -149,9 +181,10 @@ def _query_range(start_n, seqlen, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
 def _flash_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total, group, window, sm_scale,
+    total, group, window, sm_scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Program ``(query block, doc, head)``: ``O [BLOCK_M, d]`` by online softmax, and the rows' LSE."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -166,7 +199,6 @@ def _flash_fwd_kernel(
     q = _load_tile(Q + seq_start * stride_qt + head * stride_qh, offs_m, seqlen, stride_qt, offs_d, HEAD_DIM)
     k_base = K + seq_start * stride_kt + kv_head * stride_kh
     v_base = V + seq_start * stride_vt + kv_head * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 instead of exp
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: a row with no key in a block stays NaN-free
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -175,7 +207,7 @@ def _flash_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, seqlen, stride_kt, offs_d, HEAD_DIM)
         v = _load_tile(v_base, offs_n, seqlen, stride_vt, offs_d, HEAD_DIM)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+        s, _ = _scores(_dot(q, tl.trans(k), PRECISION, UPCAST_DOT), sm_scale, softcap, HAS_SOFTCAP)
         s = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen, window, CAUSAL, WINDOW), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -209,9 +241,10 @@ def _flash_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total, group, window, sm_scale,
+    total, group, window, sm_scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Program ``(key block, doc, kv head)``: ``dK, dV [BLOCK_N, d]`` summed over the group's query heads."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -226,7 +259,6 @@ def _flash_bwd_dkdv_kernel(
     v = _load_tile(V + seq_start * stride_vt + kv_head * stride_vh, offs_n, seqlen, stride_vt, offs_d, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
     lo, hi = _query_range(start_n, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for g in range(group):
         head = kv_head * group + g
@@ -239,12 +271,14 @@ def _flash_bwd_dkdv_kernel(
             do = _load_tile(do_base, offs_m, seqlen, stride_dot, offs_d, HEAD_DIM)
             lse = tl.load(LSE + rows + offs_m, mask=offs_m < seqlen, other=0.0)
             delta = tl.load(DELTA + rows + offs_m, mask=offs_m < seqlen, other=0.0)
-            st = _dot(k, tl.trans(q), PRECISION, UPCAST_DOT) * qk_scale  # S^T [BLOCK_N, BLOCK_M]
+            st, tt = _scores(_dot(k, tl.trans(q), PRECISION, UPCAST_DOT), sm_scale, softcap, HAS_SOFTCAP)  # S^T
             pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
             pt = tl.where(_visible(offs_m[None, :], offs_n[:, None], seqlen, window, CAUSAL, WINDOW), pt, 0.0)
             dv += _dot(pt.to(do.dtype), do, PRECISION, UPCAST_DOT)
             dpt = _dot(v, tl.trans(do), PRECISION, UPCAST_DOT)
             dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * (1.0 - tt * tt)  # through the cap: d(c tanh(x / c)) / dx
             dk += _dot(dst.to(q.dtype), q, PRECISION, UPCAST_DOT)
     _store_tile(DK + seq_start * stride_dkt + kv_head * stride_dkh, dk * sm_scale, offs_n, seqlen, stride_dkt,
                 offs_d, HEAD_DIM)
@@ -256,9 +290,10 @@ def _flash_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
-    total, group, window, sm_scale,
+    total, group, window, sm_scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Program ``(query block, doc, head)``: ``dQ [BLOCK_M, d]`` over the key blocks the queries see."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -277,18 +312,19 @@ def _flash_bwd_dq_kernel(
     delta = tl.load(DELTA + rows + offs_m, mask=offs_m < seqlen, other=0.0)
     k_base = K + seq_start * stride_kt + kv_head * stride_kh
     v_base = V + seq_start * stride_vt + kv_head * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, seqlen, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, seqlen, stride_kt, offs_d, HEAD_DIM)
         v = _load_tile(v_base, offs_n, seqlen, stride_vt, offs_d, HEAD_DIM)
-        s = _dot(q, tl.trans(k), PRECISION, UPCAST_DOT) * qk_scale
+        s, t = _scores(_dot(q, tl.trans(k), PRECISION, UPCAST_DOT), sm_scale, softcap, HAS_SOFTCAP)
         p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
         p = tl.where(_visible(offs_m[:, None], offs_n[None, :], seqlen, window, CAUSAL, WINDOW), p, 0.0)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST_DOT)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST_DOT)
     _store_tile(DQ + seq_start * stride_dqt + head * stride_dqh, dq * sm_scale, offs_m, seqlen, stride_dqt,
                 offs_d, HEAD_DIM)
@@ -321,8 +357,9 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
 
     16-bit inputs, ``(block_m, block_n, warps, stages)``: forward 64 x 64 with 4 warps at ``BLOCK_D = 64``,
     64 x 32 with 8 warps at ``BLOCK_D = 128`` (d = 80, 96, 128); dK/dV 32 queries x 32 keys with 8 warps (it
-    holds K, V, dK and dV of its key block); dQ like the forward but 32 keys wide. Two pipeline stages.
-    fp32 inputs (tests, debugging) take 16-32 wide tiles.
+    holds K, V, dK and dV of its key block); dQ like the forward but 32 keys wide. ``BLOCK_D = 256`` (Gemma):
+    :data:`_LARGE_HEAD_DIM` (32-query blocks). Two pipeline stages. fp32 inputs (tests, debugging) take 16-32 wide
+    tiles.
     """
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"flash attention supports head_dim {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {head_dim}")
@@ -333,7 +370,17 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
                             KernelConfig(16, 32, 4, 2))
     if next_power_of_2(head_dim) <= 64:
         return LaunchConfig(KernelConfig(64, 64, 4, 2), preprocess, dkdv, KernelConfig(64, 32, 4, 2))
-    return LaunchConfig(KernelConfig(64, 32, 8, 2), preprocess, dkdv, KernelConfig(64, 32, 8, 2))
+    if next_power_of_2(head_dim) <= 128:
+        return LaunchConfig(KernelConfig(64, 32, 8, 2), preprocess, dkdv, KernelConfig(64, 32, 8, 2))
+    return LaunchConfig(*_LARGE_HEAD_DIM)
+
+
+#: Tiles of ``BLOCK_D = 256`` (Gemma's head_dim 256), 16-bit inputs: 32 queries per forward and dQ program (32 keys
+#: per step), 32 queries x 16 keys for dK/dV, 16 tokens for the preprocess. A query block keeps its ``[rows, 256]``
+#: Q tile in registers for the whole loop, so the 64-query tiles of d <= 128 reach the 255-register limit and spill on
+#: sm_90 (forward with a window) and sm_80 (dQ with a softcap); these compile without spills on sm_80..sm_90.
+_LARGE_HEAD_DIM = (KernelConfig(32, 32, 8, 2), KernelConfig(16, 1, 4, 1), KernelConfig(32, 16, 8, 2),
+                   KernelConfig(32, 32, 8, 2))
 
 
 def _dot_options(dtype: torch.dtype, interpreted: bool | None = None) -> dict[str, object]:
@@ -363,13 +410,24 @@ def _strides(t: torch.Tensor) -> tuple[int, int]:
     return t.stride(0), t.stride(1)
 
 
-def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal=True, sliding_window=None, config=None):
+def _softcap(softcap: float | None) -> float:
+    """The cap as the kernels take it (``HAS_SOFTCAP`` is ``softcap is not None``; 1.0 when unused)."""
+    if softcap is None:
+        return 1.0
+    if not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    return float(softcap)
+
+
+def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal=True, sliding_window=None, config=None,
+                            softcap=None):
     """Launch the forward kernel.
 
     Args:
         q (Tensor): ``[total, n_heads, d]``; k, v (Tensor): ``[total, n_kv_heads, d]`` (last dim contiguous).
         cu_seqlens (Tensor): int32 ``[n_docs + 1]`` document boundaries; max_seqlen (int): longest document.
         config (LaunchConfig, optional): overrides :func:`_launch_config` (tests use small blocks).
+        softcap (float, optional): scores become ``softcap * tanh(scale * q.k / softcap)``.
 
     Returns:
         ``(out [total, n_heads, d] in q's dtype, lse fp32 [n_heads, total])``.
@@ -379,6 +437,7 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal=True,
     assert n_heads % k.shape[1] == 0, f"n_heads {n_heads} is not a multiple of n_kv_heads {k.shape[1]}"
     assert q.dtype == k.dtype == v.dtype, "q, k, v dtypes differ"
     window = _window(sliding_window, causal)
+    cap = _softcap(softcap)
     cfg = (config or _launch_config(head_dim, q.dtype)).forward
     out = torch.zeros((total, n_heads, head_dim), dtype=q.dtype, device=q.device)  # zero past cu_seqlens[-1]
     lse = torch.zeros((n_heads, total), dtype=torch.float32, device=q.device)
@@ -389,19 +448,21 @@ def flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal=True,
     if launchable(q):
         _flash_fwd_kernel[grid](
             q, k, v, out, lse, cu_seqlens, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            total, n_heads // k.shape[1], window, scale,
+            total, n_heads // k.shape[1], window, scale, cap,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=next_power_of_2(head_dim), HEAD_DIM=head_dim, CAUSAL=causal,
-            WINDOW=window > 0, **_dot_options(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            WINDOW=window > 0, **_dot_options(q.dtype), HAS_SOFTCAP=softcap is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return out, lse
 
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal=True,
-                             sliding_window=None, config=None):
+                             sliding_window=None, config=None, softcap=None):
     """Launch the backward kernels: ``(dq, dk, dv)`` in the shapes and dtypes of ``q, k, v``."""
     total, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     window = _window(sliding_window, causal)
+    cap = _softcap(softcap)
     cfgs = config or _launch_config(head_dim, q.dtype)
     do = _rows(do)
     dq, dk, dv = (torch.zeros((total, t.shape[1], head_dim), dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -416,8 +477,9 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scal
             out, do, delta, *_strides(out), *_strides(do), total,
             BLOCK_T=pre.block_m, BLOCK_D=block_d, HEAD_DIM=head_dim, num_warps=pre.num_warps, num_stages=pre.num_stages,
         )
-    common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, CAUSAL=causal, WINDOW=window > 0, **_dot_options(q.dtype))
-    sizes = (total, n_heads // n_kv_heads, window, scale)
+    common = dict(BLOCK_D=block_d, HEAD_DIM=head_dim, CAUSAL=causal, WINDOW=window > 0, **_dot_options(q.dtype),
+                  HAS_SOFTCAP=softcap is not None)
+    sizes = (total, n_heads // n_kv_heads, window, scale, cap)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     c = cfgs.dkdv
     if launchable(q):
@@ -438,50 +500,62 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd Function of :func:`flash_attention_varlen`; saves Q, K, V, O and LSE, recomputes P."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal=True, sliding_window=None, config=None):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal=True, sliding_window=None, config=None,
+                softcap=None):
         q, k, v = _rows(q), _rows(k), _rows(v)
         cu_seqlens = cu_seqlens.to(torch.int32)
-        out, lse = flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, sliding_window, config)
+        out, lse = flash_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale, causal, sliding_window, config,
+                                           softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.options = (max_seqlen, scale, causal, sliding_window, config)
+        ctx.options = (max_seqlen, scale, causal, sliding_window, config, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, cu_seqlens, *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=True, sliding_window=None):
+def flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=True, sliding_window=None, softcap=None):
     """Attention over packed documents (see the module docstring), differentiable w.r.t. ``q, k, v``.
 
     Args:
-        q (Tensor): ``[total, n_heads, d]``, ``d`` in 16..128 (e.g. 64, 80, 96, 128).
+        q (Tensor): ``[total, n_heads, d]``, ``d`` in 16..256 (e.g. 64, 80, 96, 128, 256).
         k, v (Tensor): ``[total, n_kv_heads, d]``, ``n_heads % n_kv_heads == 0``.
         cu_seqlens (Tensor): int32 ``[n_docs + 1]``, document ``b`` is tokens ``cu_seqlens[b]:cu_seqlens[b+1]``.
         max_seqlen (int): length of the longest document (at least; it sizes the grid).
         scale (float): softmax scale, usually ``d ** -0.5``.
         causal (bool): queries see only earlier keys of their document (and themselves).
         sliding_window (int, optional): number of most recent keys a query sees, itself included (causal only).
+        softcap (float, optional): score soft-capping (Gemma 2): ``softcap * tanh(scale * q.k / softcap)``.
 
     Returns:
         Tensor ``[total, n_heads, d]`` in ``q``'s dtype.
     """
-    return FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, causal, sliding_window, None)
+    return FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, causal, sliding_window, None, softcap)
 
 
 # --------------------------------------------------------------------------- audit
 
-#: Head dims the audit compiles (a representative model for each).
-_AUDIT_HEAD_DIMS = ((64, "smollm2 / llama-3.2-1b"), (80, "phi-2"), (96, "phi-3-mini"), (128, "llama-3.1-8b"))
+#: Launches the audit compiles: (head dim, models, dtypes, (window, softcap) variants). Phi-3.5-mini (32 heads of
+#: 96) runs d = 96 in 128-wide tiles; Gemma-2-9B (16 heads, 8 KV heads, 256, softcap 50, sliding window on every
+#: other layer) and Gemma-3-12B (16/8 heads of 256, sliding window, no softcap) run d = 256.
+_AUDIT_LAUNCHES = (
+    (64, "smollm2 / llama-3.2-1b", (torch.bfloat16,), ((False, False),)),
+    (80, "phi-2", (torch.bfloat16,), ((False, False),)),
+    (96, "phi-3.5-mini", (torch.bfloat16,), ((False, False), (True, False))),
+    (128, "llama-3.1-8b / mistral", (torch.bfloat16, torch.float16), ((False, False), (True, False))),
+    (256, "gemma-2-9b / gemma-3-12b", (torch.bfloat16, torch.float16),
+     ((False, False), (True, False), (False, True), (True, True))),
+)
 
 
 def _audit_signatures(ptr: str) -> dict[str, dict[str, str]]:
     """Runtime-parameter signature of each kernel for pointers of type ``ptr`` (``"*bf16"``)."""
     i32 = "i32"
     qkv = {"stride_qt": i32, "stride_qh": i32, "stride_kt": i32, "stride_kh": i32, "stride_vt": i32, "stride_vh": i32}
-    sizes = {"total": i32, "group": i32, "window": i32, "sm_scale": "fp32"}
+    sizes = {"total": i32, "group": i32, "window": i32, "sm_scale": "fp32", "softcap": "fp32"}
     return {
         "forward": {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", "CU_SEQLENS": "*i32", **qkv,
                     "stride_ot": i32, "stride_oh": i32, **sizes},
@@ -497,14 +571,14 @@ def _audit_signatures(ptr: str) -> dict[str, dict[str, str]]:
 
 
 def audit_launches() -> list[AuditLaunch]:
-    """Forward, preprocess, dK/dV and dQ launches in the configurations :func:`_launch_config` picks: head dims
-    64/80/96/128 in bf16; for 128 (Llama/Mistral) also fp16 and the sliding window (Mistral). fp16 and the window
-    share the tiles of their bf16 / windowless launches."""
+    """Forward, preprocess, dK/dV and dQ launches in the configurations :func:`_launch_config` picks, for the head
+    dims, dtypes and (sliding window, softcap) variants of :data:`_AUDIT_LAUNCHES`; fp16, the window and the softcap
+    share the tiles of their bf16 / plain launches. The window and softcap variants run in bf16 only."""
     kernels = {"forward": _flash_fwd_kernel, "dkdv": _flash_bwd_dkdv_kernel, "dq": _flash_bwd_dq_kernel}
     launches = []
-    for head_dim, model in _AUDIT_HEAD_DIMS:
+    for head_dim, model, dtypes, variants in _AUDIT_LAUNCHES:
         block_d = next_power_of_2(head_dim)
-        for dtype in (torch.bfloat16, torch.float16) if head_dim == 128 else (torch.bfloat16,):
+        for dtype in dtypes:
             cfgs = _launch_config(head_dim, dtype)
             signatures = _audit_signatures(dtype_signature(dtype))
             tag = f"{model} d={head_dim} {str(dtype).removeprefix('torch.')}"
@@ -512,14 +586,13 @@ def audit_launches() -> list[AuditLaunch]:
             launches.append(AuditLaunch("attention", _flash_bwd_preprocess_kernel, signatures["preprocess"],
                                         {"BLOCK_T": pre.block_m, "BLOCK_D": block_d, "HEAD_DIM": head_dim}, pre.num_warps,
                                         f"{tag} bwd preprocess", pre.num_stages))
-            windows = (False, True) if head_dim == 128 and dtype == torch.bfloat16 else (False,)
-            for window in windows:
+            for window, softcap in variants if dtype == torch.bfloat16 else ((False, False),):
                 for name, kernel in kernels.items():
                     c = getattr(cfgs, name)
                     constexprs = {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": block_d,
-                                  "HEAD_DIM": head_dim, "CAUSAL": True,
-                                  "WINDOW": window, **_dot_options(dtype, interpreted=False)}
-                    shape = f"{tag} {name}{' window' if window else ''}"
+                                  "HEAD_DIM": head_dim, "CAUSAL": True, "WINDOW": window,
+                                  **_dot_options(dtype, interpreted=False), "HAS_SOFTCAP": softcap}
+                    shape = f"{tag} {name}{' window' if window else ''}{' softcap' if softcap else ''}"
                     launches.append(AuditLaunch("attention", kernel, signatures[name], constexprs, c.num_warps,
                                                 shape, c.num_stages))
     return launches

@@ -64,29 +64,38 @@ def _dense_mask(lengths, causal=True, window=None) -> torch.Tensor:
     return mask
 
 
-def _dense_oracle(q, k, v, lengths, scale, causal=True, window=None):
-    """SDPA over the whole packed row (``[1, heads, total, d]``, GQA by SDPA itself) with the dense mask, fp32."""
+def _dense_oracle(q, k, v, lengths, scale, causal=True, window=None, softcap=None):
+    """SDPA over the whole packed row (``[1, heads, total, d]``, GQA by SDPA itself) with the dense mask, fp32;
+    with a softcap (which SDPA cannot do) the same dense computation written out."""
     qf, kf, vf = (t.float().transpose(0, 1)[None] for t in (q, k, v))
     mask = _dense_mask(lengths, causal, window).to(q.device)
-    out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=True)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = kf.repeat_interleave(rep, dim=1), vf.repeat_interleave(rep, dim=1)
+    scores = softcap * torch.tanh((qf @ kf.transpose(-1, -2)) * scale / softcap)
+    out = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ vf
     return out[0].transpose(0, 1)
 
 
-def _check(device, lengths, heads, kv_heads, head_dim, dtype, *, window=None, causal=True, config=None):
+def _check(device, lengths, heads, kv_heads, head_dim, dtype, *, window=None, causal=True, config=None, softcap=None):
     """Forward and ``dq, dk, dv`` of the Triton Function vs the reference and the dense SDPA oracle."""
     q0, k0, v0, do0 = _inputs(lengths, heads, kv_heads, head_dim)
+    if softcap is not None:  # scores well beyond the cap, so that it bends them
+        q0, k0 = q0 * 2.0, k0 * 2.0
     cu, scale = _cu_seqlens(lengths, device), head_dim**-0.5
     do = do0.to(device, dtype)
     q, k, v = (leaf(t.to(device, dtype)) for t in (q0, k0, v0))
-    out = FlashAttentionFunction.apply(q, k, v, cu, max(lengths), scale, causal, window, config)
+    out = FlashAttentionFunction.apply(q, k, v, cu, max(lengths), scale, causal, window, config, softcap)
     assert out.shape == q.shape and out.dtype == dtype
     got = grads(out, [q, k, v], do)
 
     qr, kr, vr = (leaf(t) for t in (q, k, v))
-    ref = flash_attention_reference(qr, kr, vr, cu, scale=scale, causal=causal, sliding_window=window)
+    ref = flash_attention_reference(qr, kr, vr, cu, scale=scale, causal=causal, sliding_window=window, softcap=softcap)
     want = grads(ref, [qr, kr, vr], do)
     qd, kd, vd = (leaf(t.float()) for t in (q, k, v))
-    dense = _dense_oracle(qd, kd, vd, lengths, scale, causal, window)
+    dense = _dense_oracle(qd, kd, vd, lengths, scale, causal, window, softcap)
     dense_grads = grads(dense, [qd, kd, vd], do.float())
 
     assert_close(out, ref, dtype, "out")
@@ -111,6 +120,10 @@ CASES = [
     pytest.param([7, 33], 4, 4, 96, FP32, 4, SMALL, id="fp32_docs7-33_h4kv4_d96_window4_small_blocks"),
     pytest.param([33, 5], 3, 1, 80, FP32, 17, SMALL, id="fp32_docs33-5_h3kv1_d80_window17_small_blocks"),
     pytest.param([1, 7, 33], 3, 1, 128, BF16, 4, SMALL, id="bf16_docs1-7-33_h3kv1_d128_window4_small_blocks"),
+    # Gemma's head dim 256 (Gemma-2/3: 16 heads on 8 KV heads, here 4 on 2) and Phi-3.5-mini's 96.
+    pytest.param([7, 20], 4, 2, 256, FP32, None, None, id="fp32_docs7-20_h4kv2_d256"),
+    pytest.param([7, 20], 4, 2, 256, BF16, 5, None, id="bf16_docs7-20_h4kv2_d256_window5"),
+    pytest.param([1, 7, 33], 4, 2, 96, BF16, None, None, id="bf16_docs1-7-33_h4kv2_d96"),
 ]
 
 
@@ -118,6 +131,63 @@ CASES = [
 def test_flash_attention_matches_reference_and_sdpa(triton_backend, lengths, heads, kv_heads, head_dim, dtype,
                                                     window, config):
     _check(triton_backend, lengths, heads, kv_heads, head_dim, dtype, window=window, config=config)
+
+
+SOFTCAP_CASES = [
+    # (lengths, heads, kv_heads, head_dim, dtype, window, config); softcap 2 (scores reach ~10)
+    pytest.param([1, 7, 33], 3, 1, 64, FP32, None, None, id="fp32_docs1-7-33_h3kv1_d64"),
+    pytest.param([7, 0, 33, 20], 4, 2, 64, FP32, 5, SMALL, id="fp32_docs7-0-33-20_h4kv2_d64_window5_small_blocks"),
+    pytest.param([7, 33], 3, 1, 80, BF16, None, None, id="bf16_docs7-33_h3kv1_d80"),
+    pytest.param([7, 20], 4, 2, 256, FP32, 6, SMALL, id="fp32_docs7-20_h4kv2_d256_window6_small_blocks"),
+    pytest.param([7, 20], 4, 2, 256, BF16, 6, None, id="bf16_docs7-20_h4kv2_d256_window6"),
+]
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,head_dim,dtype,window,config", SOFTCAP_CASES)
+def test_flash_attention_softcap_matches_reference(triton_backend, lengths, heads, kv_heads, head_dim, dtype,
+                                                   window, config):
+    """``softcap`` (Gemma 2): forward and backward (``dS * (1 - tanh^2)``) against the reference and a dense oracle."""
+    _check(triton_backend, lengths, heads, kv_heads, head_dim, dtype, window=window, config=config, softcap=2.0)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("setup", ["padding", "documents", "doc_lengths_window", "cache"])
+def test_attention_softcap_triton_equals_torch_path(triton_backend, monkeypatch, setup, dtype):
+    """The dispatched :func:`kernels.attention.attention` with a softcap: the Triton kernel where the layout is
+    variable-length (packed documents), the PyTorch path (padding, KV cache) otherwise; both against the PyTorch
+    path (ENGINE_KERNELS=torch), forward and gradients."""
+    from kernels.attention import attention
+    from kernels.dispatch import record_backends
+
+    device, (b, hq, hkv, d) = triton_backend, (2, 4, 2, 32)
+    s, kwargs = 12, {}
+    if setup == "padding":
+        pad = torch.ones(b, s, dtype=torch.bool)
+        pad[0, :3] = False
+        kwargs["key_padding_mask"] = pad.to(device)
+    elif setup == "documents":
+        kwargs["doc_ids"] = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3], device=device)
+    elif setup == "doc_lengths_window":
+        b, kwargs = 1, {"doc_lengths": (5, 1, 6), "sliding_window": 3}
+    q_len = 4 if setup == "cache" else s
+    if setup == "cache":
+        kwargs["q_offset"] = s - q_len
+    gen = torch.Generator().manual_seed(9)
+    q0, do0 = (torch.randn(b, hq, q_len, d, generator=gen) * 2 for _ in range(2))
+    k0, v0 = torch.randn(b, hkv, s, d, generator=gen) * 2, torch.randn(b, hkv, s, d, generator=gen)
+    q, k, v = (leaf(t.to(device, dtype)) for t in (q0, k0, v0))
+    qr, kr, vr = (leaf(t.to(device, dtype)) for t in (q0, k0, v0))
+    do = do0.to(device, dtype)
+    with record_backends() as used:
+        out = attention(q, k, v, scale=d**-0.5, softcap=2.0, **kwargs)
+    assert used["attention"] == {"triton"}
+    got = grads(out, [q, k, v], do)
+    monkeypatch.setenv("ENGINE_KERNELS", "torch")
+    ref = attention(qr, kr, vr, scale=d**-0.5, softcap=2.0, **kwargs)
+    want = grads(ref, [qr, kr, vr], do)
+    assert_close(out, ref, dtype, "out", reduction=True)
+    for name, a, r in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, r, dtype, name, reduction=True)
 
 
 @pytest.mark.parametrize("config", [None, SMALL], ids=["default_blocks", "small_blocks"])
@@ -201,7 +271,9 @@ def test_invalid_arguments(triton_backend):
     with pytest.raises(ValueError, match="sliding_window"):
         flash_attention_varlen(q, q, q, cu, 4, scale=0.1, sliding_window=0)
     with pytest.raises(ValueError, match="head_dim"):
-        _launch_config(256, torch.bfloat16)
+        _launch_config(512, torch.bfloat16)
+    with pytest.raises(ValueError, match="softcap"):
+        flash_attention_varlen(q, q, q, cu, 4, scale=0.1, softcap=0.0)
 
 
 def _params(kernel) -> tuple[list[str], set[str]]:
@@ -229,11 +301,15 @@ def test_audit_launches_match_kernel_signatures():
         assert (launch.num_warps, launch.num_stages) == (cfg.num_warps, cfg.num_stages)
         if launch.kernel is not _flash_bwd_preprocess_kernel:
             assert (launch.constexprs["BLOCK_M"], launch.constexprs["BLOCK_N"]) == (cfg.block_m, cfg.block_n)
-        seen.add((kernels[launch.kernel], head_dim, dtype, launch.constexprs.get("WINDOW")))
-    # Every head dim in bf16; head dim 128 (Llama, Mistral) also in fp16 and with Mistral's sliding window.
-    expected = [(d, torch.bfloat16, False) for d in (64, 80, 96, 128)]
-    expected += [(128, torch.float16, False), (128, torch.bfloat16, True)]
-    for head_dim, dtype, window in expected:
-        assert ("preprocess", head_dim, dtype, None) in seen
+        seen.add((kernels[launch.kernel], head_dim, dtype, launch.constexprs.get("WINDOW"),
+                  launch.constexprs.get("HAS_SOFTCAP")))
+    # Every head dim in bf16; 128 (Llama, Mistral) and 256 (Gemma) also in fp16; Mistral's, Phi-3.5's and Gemma's
+    # sliding window; Gemma-2's softcap, alone and with the window.
+    expected = [(d, torch.bfloat16, False, False) for d in (64, 80, 96, 128, 256)]
+    expected += [(d, torch.float16, False, False) for d in (128, 256)]
+    expected += [(d, torch.bfloat16, True, False) for d in (96, 128, 256)]
+    expected += [(256, torch.bfloat16, False, True), (256, torch.bfloat16, True, True)]
+    for head_dim, dtype, window, softcap in expected:
+        assert ("preprocess", head_dim, dtype, None, None) in seen
         for name in ("forward", "dkdv", "dq"):
-            assert (name, head_dim, dtype, window) in seen
+            assert (name, head_dim, dtype, window, softcap) in seen
