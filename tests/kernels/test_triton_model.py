@@ -35,9 +35,15 @@ def _loss_and_grads(model, batch, backend: str, monkeypatch) -> tuple[torch.Tens
     return loss.detach(), grads, used
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora16", "qlora"])
-@pytest.mark.parametrize("family", ["llama31", "qwen3"])
+@pytest.mark.parametrize(
+    "family,load_in_4bit",
+    [("llama31", False), ("llama31", True), ("qwen3", False), ("qwen3", True), ("gemma2", False), ("gemma3", False),
+     ("phi3", False)],
+    ids=lambda v: {False: "lora16", True: "qlora"}.get(v, v) if isinstance(v, bool) else v,
+)
 def test_model_with_triton_kernels_equals_torch_path(hf_folders, monkeypatch, family, load_in_4bit):
+    """Gemma 2: GeGLU, the (1 + w) norms and soft-capped flash attention and loss; Gemma 3: q/k norms and local
+    RoPE; Phi-3: fused projections and partial rotary."""
     model, _ = FastModel.from_pretrained(
         str(hf_folders[family]), dtype="float32", load_in_4bit=load_in_4bit, verbose=False
     )
@@ -50,9 +56,10 @@ def test_model_with_triton_kernels_equals_torch_path(hf_folders, monkeypatch, fa
     loss_t, grads_t, used_t = _loss_and_grads(model, batch, "torch", monkeypatch)
     loss_x, grads_x, used_x = _loss_and_grads(model, batch, "triton", monkeypatch)
 
-    assert set(used_t) >= {"rms_norm", "rope", "swiglu", "cross_entropy", "attention", "lora_linear"}
+    glu = "geglu" if model.args.activation == "gelu_tanh" else "swiglu"
+    assert set(used_t) >= {"rms_norm", "rope", glu, "cross_entropy", "attention", "lora_linear"}
     assert all(backends == {"torch"} for backends in used_t.values())
-    expected_triton = {"rms_norm", "rope", "swiglu", "cross_entropy", "attention"}
+    expected_triton = {"rms_norm", "rope", glu, "cross_entropy", "attention"}
     expected_triton |= {"nf4_dequantize"} if load_in_4bit else set()
     assert {op for op, b in used_x.items() if b == {"triton"}} == expected_triton
     assert all(b == {"torch"} for op, b in used_x.items() if op not in expected_triton)
