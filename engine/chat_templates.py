@@ -338,8 +338,8 @@ _END_GENERATION = re.compile(r"\{%(-?)\s*endgeneration\s*(-?)%\}")
 def without_generation_markers(template: str) -> str:
     """``template`` with ``{% generation %}`` / ``{% endgeneration %}`` replaced by ``{% if true %}`` / ``{% endif %}``.
 
-    The markers are a transformers extension of Jinja for training; other Jinja runtimes (older
-    llama-cpp-python, llama.cpp's own, other servers) fail on the unknown tag. The replacement keeps the
+    The markers are a transformers extension of Jinja for training; a runtime without it (plain ``jinja2``, and
+    so servers that read the template from a GGUF file) fails on the unknown tag. The replacement keeps the
     whitespace control of each tag, so the text renders the same. The GGUF writer stores this form.
     """
     template = _GENERATION.sub(lambda m: "{%" + m.group(1) + " if true " + m.group(2) + "%}", template)
@@ -442,7 +442,7 @@ def get_chat_template(tokenizer, name: str, model=None):
     Example::
 
         model, tokenizer = FastModel.from_pretrained("Qwen/Qwen2.5-0.5B")   # base model, base tokenizer
-        tokenizer = engine.get_chat_template(tokenizer, "chatml", model=model)
+        tokenizer = engine.get_chat_template(tokenizer, "qwen", model=model)
     """
     template = chat_template_for(name)
     missing = [t for t in template.special_tokens if _single_token_id(tokenizer, t) is None]

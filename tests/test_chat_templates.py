@@ -129,12 +129,14 @@ def test_names_aliases_and_unknown_names():
     assert engine.get_chat_template is get_chat_template and "get_chat_template" in engine.__all__
 
 
-def test_families_declare_their_template():
+def test_families_declare_their_template(full_tokenizer):
     declared = {f.name: f.chat_template for f in FAMILIES}
     assert {k: declared[k] for k in ("llama", "mistral", "qwen2", "qwen3")} == {
         "llama": "llama-3", "mistral": "mistral", "qwen2": "qwen", "qwen3": "chatml"}
-    for name in declared.values():
-        assert name is None or name in CHAT_TEMPLATES
+    for family in FAMILIES:
+        if family.chat_template is not None:
+            tok = get_chat_template(full_tokenizer, family.chat_template)
+            assert detect_chat_template(tok.chat_template) == family.chat_template
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,6 +186,13 @@ def test_detects_named_and_unknown_templates():
 def test_generation_markers_are_replaced_with_equivalent_blocks():
     text = "a{%- generation %}b{% endgeneration -%} c{%generation%}d{%endgeneration%}"
     assert without_generation_markers(text) == "a{%- if true %}b{% endif -%} c{% if true %}d{% endif %}"
+    # Plain Jinja (no transformers extension) refuses the markers and parses the stored form.
+    import jinja2
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+        env.from_string(CHAT_TEMPLATES["chatml"].jinja)
+    env.from_string(without_generation_markers(CHAT_TEMPLATES["chatml"].jinja))
 
 
 # ---------------------------------------------------------------------------------------------- assistant masks
@@ -327,6 +336,13 @@ def test_modelfile_comes_from_the_declaration(full_tokenizer, name):
     stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)
     assert stops == list(declared.stop)  # the end-of-turn token first; the EOS is that token
     assert ('SYSTEM """You are Qwen' in text) == (name == "qwen")
+    if name == "qwen":  # the example of docs/chat_templates.md
+        assert text == (
+            'FROM ./m.gguf\n\nTEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+            "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+            '{{ .Response }}<|im_end|>\n"""\n\nSYSTEM """You are Qwen, created by Alibaba Cloud. You are a helpful '
+            'assistant."""\n\nPARAMETER stop "<|im_end|>"\nPARAMETER stop "<|im_start|>"\n'
+        )
 
 
 # ---------------------------------------------------------------------------------------------- growing the model
@@ -512,3 +528,16 @@ def test_fine_tuned_model_stops_in_the_engine_and_in_llama_cpp(base_folders, tmp
             assert result["usage"]["prompt_tokens"] == len(expected_ids)  # the same prompt as the engine's
     finally:
         llm.close()
+
+
+def test_with_lora_the_new_rows_stay_frozen(base_folders):
+    """LoRA trains the projections only (``modules_to_save`` is not supported), so the rows of added tokens keep their
+    mean initialisation (docs/chat_templates.md: use full fine-tuning or a tokenizer that has the tokens); a LoRA
+    ``lm_head`` cannot be resized."""
+    model, tok = load(base_folders[True])
+    get_chat_template(tok, "chatml", model=model)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert not model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
+    model.lm_head.add_lora(2, 4.0)
+    with pytest.raises(ConfigurationError, match="cannot resize a LoRA or 4-bit lm_head"):
+        resize_token_embeddings(model, model.args.vocab_size + 1)
