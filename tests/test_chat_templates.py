@@ -47,14 +47,14 @@ QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You a
 PUBLISHED = {
     "chatml": (
         None,
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
-        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n",
     ),
     "qwen": (
         None,
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
-        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
         QWEN_SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n",
     ),
     "llama-3": (
@@ -74,7 +74,8 @@ PUBLISHED = {
     ),
     "phi-3": (
         None,
-        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n",
+        "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"
+        "<|user|>\nBye<|end|>\n<|assistant|>\n",
         "<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n",
     ),
     "mistral": (
@@ -96,7 +97,8 @@ def base_tokenizer(bos: str | None = "<s>", corpus: tuple[str, ...] = ()) -> tra
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>"] + ([bos] if bos else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     words = " ".join(corpus) or "hello hi there friend how are you fine thanks be brief"
     tok.train_from_iterator([words] * 3, trainer)
@@ -418,7 +420,8 @@ def test_missing_tokens_grow_the_model(base_folders, tmp_path, tied):
 def test_missing_tokens_without_a_model_raise_and_change_nothing(base_folders):
     tok = transformers.AutoTokenizer.from_pretrained(base_folders[True])
     size, eos = len(tok), tok.eos_token
-    with pytest.raises(ConfigurationError, match=r"pass the model.*get_chat_template\(tokenizer, 'chatml', model=model\)"):
+    expected = r"pass the model.*get_chat_template\(tokenizer, 'chatml', model=model\)"
+    with pytest.raises(ConfigurationError, match=expected):
         get_chat_template(tok, "chatml")
     assert len(tok) == size and tok.eos_token == eos and tok.chat_template is None
 
@@ -520,7 +523,9 @@ def test_fine_tuned_model_stops_in_the_engine_and_in_llama_cpp(base_folders, tmp
             prompt = tok.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
             expected_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == expected_ids
-            result = llm.create_chat_completion(messages=conversation[:-1], max_tokens=max_new, temperature=0.0, top_k=1)
+            result = llm.create_chat_completion(
+                messages=conversation[:-1], max_tokens=max_new, temperature=0.0, top_k=1
+            )
             choice = result["choices"][0]
             assert choice["finish_reason"] == "stop", choice
             assert result["usage"]["completion_tokens"] < max_new
