@@ -108,6 +108,18 @@ SECTIONS: list[tuple[str, str, object]] = [
         [Entry("engine.train_on_responses_only"), Entry("engine.training.dpo_data.to_conversational_preference")],
     ),
     (
+        "Chat templates",
+        "See [chat templates](chat_templates.md). `engine.chat_templates.CHAT_TEMPLATES` maps each name to its declaration.",
+        [
+            Entry("engine.get_chat_template"),
+            Entry("engine.chat_templates.ChatTemplate", signature=False),
+            Entry("engine.chat_templates.chat_template_for"),
+            Entry("engine.chat_templates.detect_chat_template"),
+            Entry("engine.chat_templates.resize_token_embeddings"),
+            Entry("engine.chat_templates.without_generation_markers"),
+        ],
+    ),
+    (
         "Memory planning",
         "See [memory](memory.md).",
         [Entry("engine.estimate_memory"), Entry("engine.max_context"), Entry("engine.memory.MemoryEstimate", members=True)],

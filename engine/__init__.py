@@ -7,8 +7,10 @@ Public API::
     model = FastModel.get_peft_model(model, r=16, lora_alpha=16)
     engine.estimate_memory("meta-llama/Llama-3.1-8B", max_seq_length=8192)   # plan GPU memory, no GPU needed
     engine.max_context("meta-llama/Llama-3.1-8B", vram_gb=24)                 # longest context that fits
+    tokenizer = engine.get_chat_template(tokenizer, "chatml", model=model)     # a prompt format that stops
 """
 
+from engine.chat_templates import get_chat_template
 from engine.errors import (
     CheckpointError,
     ConfigurationError,
@@ -56,6 +58,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "disable_adapter",
     "estimate_memory",
+    "get_chat_template",
     "max_context",
     "train_on_responses_only",
 ]

@@ -15,7 +15,10 @@ What is written follows llama.cpp's ``convert_hf_to_gguf.py`` + ``llama-quantize
 * **tokenizer**: byte-level BPE as ``gpt2`` (tokens, token types, merges and the
   ``tokenizer.ggml.pre`` id found by hashing the tokenization of llama.cpp's check text),
   SentencePiece BPE (byte fallback) as ``llama`` with scores from the merge ranks; special ids,
-  ``add_bos_token``/``add_eos_token`` and the chat template.
+  ``add_bos_token``/``add_eos_token`` and the chat template (``{% generation %}`` markers replaced by an
+  equivalent ``{% if true %}``, which every Jinja runtime parses). When the template is one of
+  :mod:`engine.chat_templates`' formats, its end-of-turn token is written as ``tokenizer.ggml.eot_token_id``
+  (the EOS is the tokenizer's: :func:`engine.get_chat_template` makes it the end-of-turn token).
 * **tensors**: every LoRA adapter is merged in fp32 (``W + s * B @ A``), one tensor at a time
   while writing, so the model is never held twice; then cast or quantized per tensor
   (:func:`tensor_type` implements llama.cpp's K-quant mixtures and shape fallbacks).
@@ -44,6 +47,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, LlamaFileType, TokenType
 from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
+from engine.chat_templates import CHAT_TEMPLATES, detect_chat_template, without_generation_markers
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
 from engine.gguf import quants
 from engine.models.families import Family, family_for_model_type
@@ -609,13 +613,30 @@ def _add_tokenizer(writer: GGUFWriter, tokenizer, model) -> int:
     writer.add_add_bos_token(bool(bos is not None and probe[:1] == [bos]))
     writer.add_add_eos_token(bool(eos is not None and len(probe) > 1 and probe[-1:] == [eos]))
     template = getattr(tokenizer, "chat_template", None)
+    eot = _end_of_turn_id(tokenizer, template, vocab_size)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     if isinstance(template, dict):
+        template = {k: without_generation_markers(v) for k, v in template.items()}
         writer.add_chat_template([{"name": k, "template": v} for k, v in template.items()])
         estimate += sum(len(v) for v in template.values())
     elif template:
+        template = without_generation_markers(template)
         writer.add_chat_template(template)
         estimate += len(template)
     return estimate
+
+
+def _end_of_turn_id(tokenizer, template, vocab_size: int) -> int | None:
+    """The id of the end-of-turn token of the chat template's format (``tokenizer.ggml.eot_token_id``), or ``None``."""
+    name = detect_chat_template(template)
+    if name is None:
+        return None
+    token = CHAT_TEMPLATES[name].end_of_turn
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return int(token_id) if 0 <= int(token_id) < vocab_size else None
 
 
 # --------------------------------------------------------------------------- writing

@@ -292,7 +292,7 @@ def test_modelfile_chatml(chat_export, smollm2_tokenizer):
 
 def test_modelfile_unknown_template_warns():
     tok = tiny_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.warns(UserWarning, match="not ChatML, Llama 3 or Mistral"):
+    with pytest.warns(UserWarning, match="none of the known formats"):
         text = modelfile_text("m.gguf", tok)
     assert "TEMPLATE" not in text and 'PARAMETER stop "<|im_end|>"' in text
     llama3 = tiny_tokenizer(chat_template="<|start_header_id|>{{ x }}<|end_header_id|><|eot_id|>")

@@ -87,15 +87,17 @@ def family_for_gguf(architecture: str, model_name: str | None = None) -> Family:
 def supported_models_table() -> str:
     """The supported-models table of the README and ``docs/models.md``, generated from :data:`FAMILIES`."""
     lines = [
-        "| family | HF `model_type` | differs from Llama by | LoRA targets | GGUF architecture | verified |",
-        "|---|---|---|---|---|---|",
+        "| family | HF `model_type` | differs from Llama by | LoRA targets | GGUF architecture | chat template "
+        "| verified |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in FAMILIES:
         gguf = f"`{f.gguf_architecture}`" + (" (Q/K rows permuted)" if f.gguf_permutes_qk else "")
         if f.gguf_name_marker:
             gguf += f", told apart by {f.gguf_name_marker!r} in `general.name`"
+        template = f"`{f.chat_template}`" if f.chat_template else "-"
         lines.append(
             f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | {f.summary} | "
-            f"{', '.join(f.lora_targets)} | {gguf} | {f.verified} |"
+            f"{', '.join(f.lora_targets)} | {gguf} | {template} | {f.verified} |"
         )
     return "\n".join(lines)

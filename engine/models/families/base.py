@@ -96,6 +96,9 @@ class Family:
             ``layer_types`` (Mistral); otherwise only ``layer_types``' sliding layers use it.
         block_tensors: the HF <-> GGUF per-layer name map.
         lora_targets: projections LoRA can target.
+        chat_template: the name of the family's instruct prompt format in :mod:`engine.chat_templates`
+            (``"llama-3"``, ``"qwen"``, ...; ``None``: no single format), for
+            ``engine.get_chat_template(tokenizer, family.chat_template, model)``.
         known_configs: ``{hub id: config.json fields}`` the memory planner knows offline (copied from the
             models' published config.json files); ``aliases``: ``{hub id: listed hub id}`` of the same shape.
     """
@@ -117,6 +120,7 @@ class Family:
     window_every_layer: bool = False
     block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
     lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    chat_template: str | None = None
     known_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
 

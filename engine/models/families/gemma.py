@@ -63,6 +63,7 @@ GEMMA = GemmaFamily(
     causal_lm_class="GemmaForCausalLM",
     gguf_architecture="gemma",  # NEOX RoPE: Q/K rows are not permuted
     gguf_norm_shift=1.0,
+    chat_template="gemma",
     known_configs={
         # Published config.json fields of google/gemma-2b and google/gemma-7b.
         "google/gemma-2b": {**_GEMMA_1, "hidden_size": 2048, "intermediate_size": 16384, "num_hidden_layers": 18,

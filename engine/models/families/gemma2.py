@@ -98,6 +98,7 @@ GEMMA2 = Gemma2Family(
     sandwich_norms=True,
     block_tensors=SANDWICH_BLOCK_TENSORS,
     activation_field="hidden_activation",
+    chat_template="gemma",
     known_configs={
         # Published config.json fields of google/gemma-2-2b and google/gemma-2-9b.
         "google/gemma-2-2b": {**_GEMMA_2, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,

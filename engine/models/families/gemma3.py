@@ -77,6 +77,7 @@ GEMMA3 = Gemma3Family(
     sandwich_norms=True,
     block_tensors=SANDWICH_BLOCK_TENSORS,
     activation_field="hidden_activation",
+    chat_template="gemma",
     known_configs={
         # Published config.json fields (the text_config of the multimodal 4B/12B checkpoints).
         "google/gemma-3-1b-pt": {**_GEMMA_3, "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,

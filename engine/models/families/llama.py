@@ -21,6 +21,7 @@ LLAMA = Family(
     causal_lm_class="LlamaForCausalLM",
     gguf_architecture="llama",
     gguf_permutes_qk=True,
+    chat_template="llama-3",
     # Published config.json fields (hub ids as listed on huggingface.co).
     known_configs={
         "meta-llama/Llama-3.1-8B": {

@@ -32,6 +32,7 @@ MISTRAL = _Mistral(
     gguf_permutes_qk=True,
     gguf_sliding_window=True,
     window_every_layer=True,
+    chat_template="mistral",
     known_configs={
         "mistralai/Mistral-7B-v0.3": {
             "vocab_size": 32768, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,

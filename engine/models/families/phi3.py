@@ -81,6 +81,7 @@ PHI3 = Phi3Family(
     window_every_layer=True,
     block_tensors=PHI3_BLOCK_TENSORS,
     lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    chat_template="phi-3",
     known_configs={
         # Published config.json fields. The LongRoPE models' per-frequency factors are left out: they change the
         # RoPE angles, not any tensor's size, so the planner does not need them.

@@ -28,6 +28,7 @@ QWEN2 = _Qwen2(
     config_class="Qwen2Config",
     causal_lm_class="Qwen2ForCausalLM",
     gguf_architecture="qwen2",  # NEOX RoPE: Q/K rows are not permuted
+    chat_template="qwen",
     known_configs={
         "Qwen/Qwen2.5-7B": {
             "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,

@@ -29,6 +29,7 @@ QWEN3 = _Qwen3(
     causal_lm_class="Qwen3ForCausalLM",
     gguf_architecture="qwen3",  # NEOX RoPE: Q/K rows are not permuted
     qk_norm=True,
+    chat_template="chatml",  # Qwen3's thinking blocks are not modelled
     known_configs={
         "Qwen/Qwen3-8B": {
             "vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
