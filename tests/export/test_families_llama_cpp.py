@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import FastModel
+from engine import FastModel, get_chat_template
+from engine.chat_templates import chat_template_for
 from tests.conftest import FAMILY_CONFIGS, save_family_chat_model
 from tests.export.test_llama_cpp import held_out_tokens
 
@@ -46,6 +47,9 @@ def exported(request, tmp_path_factory, smollm2_tokenizer):
     family = request.param
     folder = _folder(family, tmp_path_factory, smollm2_tokenizer)
     model, tokenizer = FastModel.from_pretrained(str(folder), dtype="float32", verbose=False)
+    # The family's own chat format (its turn tokens are added to SmolLM2's vocabulary, the model grows).
+    tokenizer = get_chat_template(tokenizer, model.args.family.chat_template, model=model)
+    model.save_pretrained_merged(folder, tokenizer, save_method="merged_32bit")
     model.source_folder = folder
     out = tmp_path_factory.mktemp(f"{family}_gguf")
     paths = model.save_pretrained_gguf(out, tokenizer, quantization_method=["f16", "q8_0", "q4_k_m"])
@@ -71,6 +75,15 @@ def test_every_type_loads_and_f16_agrees_on_every_position(exported):
         agree = (quantized.argmax(-1) == top_ours).mean()
         print(f"{family} {method}: top-1 agreement {agree:.0%}")
         assert agree > 0.5
+
+
+def test_modelfile_carries_the_family_chat_template(exported):
+    family, model, tokenizer, paths = exported
+    template = chat_template_for(model.args.family.chat_template)
+    modelfile = (paths["f16"].parent / "Modelfile-F16").read_text()
+    assert template.ollama in modelfile
+    assert f'PARAMETER stop "{template.end_of_turn}"' in modelfile, modelfile
+    assert tokenizer.eos_token == template.end_of_turn
 
 
 def test_gguf_reads_back_into_the_engine(exported):
