@@ -109,6 +109,14 @@ def test_unsupported_gemma_settings_name_the_field():
     with pytest.raises(UnsupportedArchitectureError, match="hidden_activation='relu'"):
         model_args_from_hf_config(config)
     config = FAMILY_CONFIGS["gemma3"]()
+    config.use_bidirectional_attention = True
+    with pytest.raises(UnsupportedArchitectureError, match="use_bidirectional_attention=True"):
+        model_args_from_hf_config(config)
+    config = FAMILY_CONFIGS["phi3"]()
+    config.resid_pdrop = 0.1
+    with pytest.raises(UnsupportedArchitectureError, match="resid_pdrop=0.1"):
+        model_args_from_hf_config(config)
+    config = FAMILY_CONFIGS["gemma3"]()
     config.rope_parameters["full_attention"] = {"rope_type": "no-such-scaling", "rope_theta": 1e6}
     with pytest.raises(UnsupportedArchitectureError, match="no-such-scaling"):
         model_args_from_hf_config(config)

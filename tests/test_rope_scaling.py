@@ -26,7 +26,15 @@ def _config(rope: dict | None, head_dim=128, theta=500000.0):
 
 @pytest.mark.parametrize("rope", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA31,
                                   {**LLAMA31, "factor": 32.0}, {"rope_type": "yarn", "factor": 4.0,
-                                                                  "original_max_position_embeddings": 8192}])
+                                                                  "original_max_position_embeddings": 8192},
+                                  # YaRN as Qwen3 / DeepSeek configs write it: betas, mscale ratio, no truncation
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768,
+                                   "beta_fast": 16, "beta_slow": 2},
+                                  {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                   "mscale": 1.0, "mscale_all_dim": 0.707, "truncate": False},
+                                  {"rope_type": "longrope", "original_max_position_embeddings": 4096,
+                                   "short_factor": [1.0 + i / 64 for i in range(64)],
+                                   "long_factor": [1.0 + i / 8 for i in range(64)]}])
 def test_inverse_frequencies_equal_transformers(rope):
     config = _config(rope)
     ours, scaling = rope_inverse_frequencies(config, 128)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import UnsupportedArchitectureError
 from engine.models.families import family_for_model_type, supported_model_types
 from engine.models.rope import rope_inverse_frequencies, rotary_dim
 
@@ -99,6 +100,27 @@ class ModelArgs:
         return family_for_model_type(self.model_type)
 
 
+#: Config fields the model code does not implement, with the value it computes: anything else would change the math
+#: silently, so loading stops and names the field.
+_UNIMPLEMENTED = {
+    "use_bidirectional_attention": (None, False),  # Gemma: attention without the causal mask
+    "attention_dropout": (None, 0, 0.0),
+    "resid_pdrop": (None, 0, 0.0),  # Phi-3: dropout on the residual branches
+    "embd_pdrop": (None, 0, 0.0),
+}
+
+
+def _check_unimplemented(hf_config) -> None:
+    for name, implemented in _UNIMPLEMENTED.items():
+        value = getattr(hf_config, name, None)
+        if value not in implemented:
+            raise UnsupportedArchitectureError(
+                f"{name}={value!r} is not implemented by the engine's model code (it computes {name}="
+                f"{implemented[-1]!r}); set it to {implemented[-1]!r} in the config to fine-tune this model, "
+                "knowing the results then differ from the original setting"
+            )
+
+
 def model_args_from_hf_config(hf_config) -> ModelArgs:
     """Translate a transformers config into :class:`ModelArgs`.
 
@@ -107,6 +129,7 @@ def model_args_from_hf_config(hf_config) -> ModelArgs:
     """
     model_type = getattr(hf_config, "model_type", None)
     family = family_for_model_type(model_type)
+    _check_unimplemented(hf_config)
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     inv_freq, attention_scaling = rope_inverse_frequencies(hf_config, head_dim)

@@ -2,9 +2,9 @@
 
 * :func:`rope_parameters` — a config's RoPE settings as one dict, whichever transformers version wrote it
   (per layer type where layer types differ: Gemma 3's local and global layers).
-* :func:`rope_inverse_frequencies` — the model's inverse frequencies ``[head_dim // 2]`` (default, linear and
-  Llama-3.1 ``llama3`` here, computed exactly as transformers does; other types through transformers'
-  public ``ROPE_INIT_FUNCTIONS``).
+* :func:`rope_inverse_frequencies` — the model's inverse frequencies ``[rotary_dim // 2]`` (default, linear,
+  Llama-3.1 ``llama3``, ``yarn`` and ``longrope`` here, computed exactly as transformers does; other types through
+  transformers' public ``ROPE_INIT_FUNCTIONS``), per layer type where layer types differ (Gemma 3).
 * :func:`llama3_rope_factors` — the same Llama-3.1 scaling in llama.cpp's form: one divisor per frequency
   (the ``rope_freqs`` tensor its converter writes; ``inv_freq = default / factor``).
 * :func:`llama3_params_from_factors` — the inverse: ``llama3`` parameters recovered from a ``rope_freqs``
@@ -97,6 +97,46 @@ def longrope_inverse_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor
     return short, long, float(scaling), original
 
 
+def yarn_inverse_frequencies(hf_config, params: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context): ``[dim // 2]`` frequencies blended between interpolated (``/ factor``) and
+    original ones by a linear ramp over the dimensions whose rotations at the original context fall between
+    ``beta_slow`` and ``beta_fast``, and the cos/sin scaling ``0.1 ln(factor) + 1`` (or the ``mscale`` ratio, or
+    ``attention_factor``), computed as transformers does, op for op."""
+    base = float(params["rope_theta"])
+    original = params.get("original_max_position_embeddings") or getattr(
+        hf_config, "original_max_position_embeddings", None) or hf_config.max_position_embeddings
+    factor = params.get("factor")
+    if factor is None:
+        factor = hf_config.max_position_embeddings / original
+
+    def mscale_of(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    scaling = params.get("attention_factor")
+    if scaling is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            scaling = float(mscale_of(factor, mscale) / mscale_of(factor, mscale_all_dim))
+        else:
+            scaling = mscale_of(factor)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(scaling)
+
+
 def rope_inverse_frequencies(hf_config, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
     """RoPE inverse frequencies ``[rotary_dim // 2]`` (fp32) and the cos/sin scaling for a config
     (for ``layer_type``'s settings where layer types differ, see :func:`rope_parameters`). ``longrope`` gives its
@@ -113,6 +153,8 @@ def rope_inverse_frequencies(hf_config, head_dim: int, layer_type: str | None = 
     if rope_type == "longrope":
         short, _, scaling, _ = longrope_inverse_frequencies(hf_config, head_dim)
         return short, scaling
+    if rope_type == "yarn":
+        return yarn_inverse_frequencies(hf_config, params, dim)
     if rope_type == "default":
         return inv_freq, 1.0
     if rope_type == "linear":

@@ -136,7 +136,7 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             doc_lengths=ctx.doc_lengths,
             layout=ctx.layout,
-            **({"softcap": self.softcap} if self.softcap is not None else {}),
+            softcap=self.softcap,
         )
         out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
         return project(out, (self.o_proj,), ctx.workspace, self.training)[0]
