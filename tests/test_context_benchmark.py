@@ -36,6 +36,16 @@ def test_context_table_files(hf_folders, tmp_path, capsys):
     assert results["engine"]["settings"]["tiled_mlp"] == "auto"
 
 
+def test_context_table_runs_for_a_new_family(hf_folders, tmp_path):
+    """Gemma 2: GeGLU, soft-capped attention and loss, sandwich norms planned on the simulated GPU."""
+    family = "gemma2"
+    results = context.main([
+        "--model", str(hf_folders[family]), "--lora-r", "8", "--sizes", "0.6", "--granularity", "256",
+        "--high", "16384", "--out", str(tmp_path),
+    ])
+    assert results["engine"]["sizes"][0]["max_tokens"] > 0 and results["hf"]["sizes"][0]["max_tokens"] > 0
+
+
 def test_measure_needs_a_gpu(monkeypatch):
     monkeypatch.setattr(context.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="CUDA GPU"):

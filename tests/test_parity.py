@@ -85,12 +85,18 @@ def test_right_padding_matches_transformers(family, hf_folders):
     mask[1, 9:] = 0
     mask[2, 4:] = 0
     labels = ids.masked_fill(mask == 0, -100)
-    with torch.no_grad():
-        ref = hf(ids, attention_mask=mask, labels=labels)
-        got = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
+    ref = hf(ids, attention_mask=mask, labels=labels)
+    got = ours(ids, attention_mask=mask, labels=labels, return_logits=True)
     valid = mask.bool()
     assert_close_rel(got.logits[valid], ref.logits[valid], what=f"{family} padded logits")
     assert_close_rel(got.loss, ref.loss, what=f"{family} padded loss")
+    ref.loss.backward()
+    got.loss.backward()
+    peft_params = dict(hf.named_parameters())
+    for name, m in lora_modules(ours).items():
+        for part in ("A", "B"):
+            ref_grad = peft_params[f"base_model.model.{name}.lora_{part}.default.weight"].grad
+            assert_close_rel(getattr(m, f"lora_{part}").grad, ref_grad, what=f"{family} padded {name} lora_{part} grad")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
