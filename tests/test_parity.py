@@ -117,24 +117,30 @@ def test_left_padding_matches_unpadded_rows(family, hf_folders):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_row_equals_each_document_alone_in_transformers(family, hf_folders):
-    """One padding-free row of three documents (restarting position ids): per-document logits and the summed loss
-    equal transformers run on each document by itself (longer than the sliding window of 6)."""
-    hf = make_hf_model(family)
-    ours, _ = FastModel.from_pretrained(hf_folders[family], dtype=torch.float32, device="cpu", verbose=False)
+    """One padding-free row of three documents (restarting position ids), with LoRA: per-document logits, the
+    loss and every LoRA gradient equal transformers + PEFT run on each document by itself (the loss summed over
+    documents and divided by all predicted tokens; documents longer than the sliding window of 6)."""
+    hf, ours = load_pair(family, hf_folders[family], lora=True)
     docs = [torch.randint(0, 211, (1, n)) for n in (9, 4, 13)]
     row = torch.cat(docs, 1)
     positions = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
-    with torch.no_grad():
-        got = ours(row, position_ids=positions, labels=row, return_logits=True)
-        start, losses, count = 0, 0.0, 0
-        for d in docs:
-            n = d.shape[1]
-            ref = hf(d, labels=d)
-            assert_close_rel(got.logits[0, start:start + n], ref.logits[0], what=f"{family} packed document")
-            losses += float(ref.loss) * (n - 1)
-            count += n - 1
-            start += n
-    assert abs(float(got.loss) - losses / count) <= 1e-5 * abs(losses / count)
+    got = ours(row, position_ids=positions, labels=row, return_logits=True)
+    count = sum(d.shape[1] - 1 for d in docs)
+    total, start = 0.0, 0
+    for d in docs:
+        n = d.shape[1]
+        ref = hf(d, labels=d)
+        assert_close_rel(got.logits[0, start:start + n], ref.logits[0], what=f"{family} packed document")
+        total = total + ref.loss * (n - 1) / count
+        start += n
+    assert_close_rel(got.loss, total, what=f"{family} packed loss")
+    got.loss.backward()
+    total.backward()
+    peft_params = dict(hf.named_parameters())
+    for name, m in lora_modules(ours).items():
+        for part in ("A", "B"):
+            ref_grad = peft_params[f"base_model.model.{name}.lora_{part}.default.weight"].grad
+            assert_close_rel(getattr(m, f"lora_{part}").grad, ref_grad, what=f"{family} packed {name} lora_{part} grad")
 
 
 def test_sliding_window_changes_attention(hf_folders):
