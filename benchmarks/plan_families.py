@@ -49,11 +49,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": "python benchmarks/plan_families.py " + " ".join(argv or []),
                                     "planned_by_simulation": True, "rows": rows}, indent=2))
-    lines = [f"| model | planned peak at {args.seq_len:,} tokens (GiB) | weights | activations | "
-             f"max context on {args.vram_gb:g} GB |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| model | planned peak at {args.seq_len:,} tokens (GiB) | weights | LoRA + grads + optimizer | "
+             "activations | transient |" + (f" max context on {args.vram_gb:g} GB |" if args.vram_gb else ""),
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if args.vram_gb else "")]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['total_gib']:.2f} | {r['weights_gib']:.2f} | {r['activations_gib']:.2f} | "
-                     f"{r.get('max_context', 0):,} |")
+        trained = r["lora_parameters_gib"] + r["gradients_gib"] + r["optimizer_states_gib"]
+        lines.append(f"| {r['model']} | {r['total_gib']:.2f} | {r['weights_gib']:.2f} | {trained:.2f} | "
+                     f"{r['activations_gib']:.2f} | {r['transient_gib']:.2f} |"
+                     + (f" {r['max_context']:,} |" if args.vram_gb else ""))
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return rows
 
