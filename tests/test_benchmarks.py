@@ -205,3 +205,21 @@ def test_unknown_side_stops_before_training(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0
     assert "unknown side(s) ['nope']" in proc.stderr
+
+
+def test_vocab_memory_benchmark_measures_both_sides(tmp_path):
+    """benchmarks/vocab_memory.py on a small vocabulary: both sides run, agree on the loss, and the files are written."""
+    from benchmarks import vocab_memory
+
+    rows = []
+    for side in ("fused", "logits"):
+        result = vocab_memory.measure(side, 5000, 64, 30.0, 256)
+        assert result["added_bytes"] >= 0
+        rows.append(result)
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) < 1e-2
+    row = {"case": "small", "vocab": 5000, "hidden": 64, "softcap": 30.0, "tokens": 256,
+           "fused_mib": rows[0]["added_bytes"] / 2**20, "logits_mib": rows[1]["added_bytes"] / 2**20,
+           "fused_loss": rows[0]["loss"], "logits_loss": rows[1]["loss"]}
+    vocab_memory.write([row], tmp_path / "vocab.json")
+    assert "| small | 256 |" in (tmp_path / "vocab.md").read_text()
+    assert (tmp_path / "vocab.png").stat().st_size > 5_000
