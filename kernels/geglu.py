@@ -28,7 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, tanh, tl
+from kernels._glu_launch import BLOCK, launch_backward, launch_forward  # noqa: F401 (BLOCK: tests size inputs by it)
+from kernels._glu_launch import audit_launches as glu_audit_launches
+from kernels._triton import AuditLaunch, jit, tanh, tl
 from kernels.cpu_fusion import cpu_fused
 from kernels.dispatch import select_backend
 
@@ -76,9 +78,6 @@ def geglu_backward_torch(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor)
 
 # --------------------------------------------------------------------------- Triton
 
-#: Elements per program and warps (as :mod:`kernels.swiglu`): 4 elements per thread.
-BLOCK = 1024
-NUM_WARPS = 8
 
 
 @jit
@@ -120,14 +119,7 @@ class GeGLUTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        if gate.shape != up.shape or gate.dtype != up.dtype:
-            raise ValueError(f"geglu needs gate and up of one shape and dtype, got {gate.shape}/{gate.dtype} "
-                             f"and {up.shape}/{up.dtype}")
-        gate, up = gate.contiguous(), up.contiguous()
-        h = torch.empty_like(gate)
-        n = gate.numel()
-        if launchable(gate):
-            _geglu_fwd_kernel[(cdiv(n, BLOCK),)](gate, up, h, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        gate, up, h = launch_forward(_geglu_fwd_kernel, "geglu", gate, up)
         ctx.save_for_backward(gate, up)
         return h
 
@@ -139,25 +131,12 @@ class GeGLUTritonFunction(torch.autograd.Function):
 
 def geglu_backward_triton(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dgate, dup)`` with the Triton backward kernel (``gate``/``up`` made contiguous if they are not)."""
-    dh, gate, up = dh.contiguous(), gate.contiguous(), up.contiguous()
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-    n = gate.numel()
-    if launchable(dh):
-        _geglu_bwd_kernel[(cdiv(n, BLOCK),)](dh, gate, up, dgate, dup, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return dgate, dup
+    return launch_backward(_geglu_bwd_kernel, dh, gate, up)
 
 
 def audit_launches() -> list[AuditLaunch]:
     """Forward and backward in bf16, fp16 and fp32 (the launch does not depend on the shape)."""
-    launches = []
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        ptr, tag = dtype_signature(dtype), str(dtype).removeprefix("torch.")
-        launches.append(AuditLaunch("geglu", _geglu_fwd_kernel, {"G": ptr, "U": ptr, "H": ptr, "n": "i64"},
-                                    {"BLOCK": BLOCK}, NUM_WARPS, f"any shape {tag} fwd"))
-        bwd_sig = {"DH": ptr, "G": ptr, "U": ptr, "DG": ptr, "DU": ptr, "n": "i64"}
-        launches.append(AuditLaunch("geglu", _geglu_bwd_kernel, bwd_sig, {"BLOCK": BLOCK}, NUM_WARPS,
-                                    f"any shape {tag} bwd"))
-    return launches
+    return glu_audit_launches("geglu", _geglu_fwd_kernel, _geglu_bwd_kernel)
 
 
 # --------------------------------------------------------------------------- dispatch
