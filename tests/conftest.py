@@ -132,6 +132,19 @@ def make_tiny_chat_hf_model(seed: int = 0) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def train_losses(model, ids: torch.Tensor, steps: int = 12, lr: float = 3e-2) -> list[float]:
+    """Train ``model``'s trainable parameters on ``ids`` (labels = ids) with AdamW; the loss of every step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def save_family_chat_model(family: str, folder: Path, tokenizer, **config_overrides) -> Path:
     """A tiny random model of ``family`` sized for ``tokenizer``'s vocabulary (512 positions), saved with it."""
     config = FAMILY_CONFIGS[family]()

@@ -11,7 +11,7 @@ import transformers
 from engine import FastModel
 from engine.errors import UnsupportedArchitectureError
 from engine.models.config import model_args_from_hf_config
-from tests.conftest import FAMILY_CONFIGS, make_hf_model
+from tests.conftest import FAMILY_CONFIGS, make_hf_model, train_losses
 from tests.test_parity import assert_close_rel
 
 GEMMAS = ["gemma", "gemma2", "gemma3"]
@@ -86,15 +86,7 @@ def test_qlora_trains_a_gemma2(hf_folders):
     model, _ = FastModel.from_pretrained(hf_folders["gemma2"], dtype=torch.float32, device="cpu", verbose=False,
                                          load_in_4bit=True)
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    ids = torch.randint(0, 211, (2, 16))
-    losses = []
-    for _ in range(12):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, torch.randint(0, 211, (2, 16)))
     assert model.model.layers[0].self_attn.q_proj.is_quantized
     assert losses[-1] < 0.8 * losses[0], losses
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from engine import FastModel
-from tests.conftest import FAMILY_CONFIGS, make_hf_model
+from tests.conftest import FAMILY_CONFIGS, make_hf_model, train_losses
 from tests.test_parity import assert_close_rel
 
 
@@ -60,14 +60,6 @@ def test_lora_targets_the_fused_projections_and_qlora_trains(hf_folders):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert {n.split(".")[-1] for n in names} == {"lora_A", "lora_B"}
     assert {n.split(".")[-2] for n in names} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    ids = torch.randint(0, 211, (2, 20))
-    losses = []
-    for _ in range(12):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(model, torch.randint(0, 211, (2, 20)))
     assert model.model.layers[0].self_attn.qkv_proj.is_quantized
     assert losses[-1] < 0.8 * losses[0], losses

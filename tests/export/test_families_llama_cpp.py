@@ -15,7 +15,7 @@ import torch
 from engine import FastModel, get_chat_template
 from engine.chat_templates import chat_template_for
 from tests.conftest import FAMILY_CONFIGS, save_family_chat_model
-from tests.export.test_llama_cpp import held_out_tokens
+from tests.export.test_llama_cpp import held_out_tokens, lora_gguf_difference
 
 
 def llama_logits(path, tokens: list[int], n_ctx: int = 256, **kwargs) -> np.ndarray:
@@ -107,23 +107,7 @@ def test_gguf_reads_back_into_the_engine(exported):
 @pytest.mark.slow
 def test_lora_gguf_applies_in_llama_cpp(exported, tmp_path):
     family, shared, tokenizer, _ = exported
-    model, _ = FastModel.from_pretrained(str(shared.source_folder), dtype="float32", verbose=False)
-    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
-    torch.manual_seed(3)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.2)
-    from engine.peft import disable_adapter
-
-    with disable_adapter(model):
-        (base,) = model.save_pretrained_gguf(tmp_path / "base", tokenizer, quantization_method="f16")
-    (merged,) = model.save_pretrained_gguf(tmp_path / "merged", tokenizer, quantization_method="f16")
-    (adapter,) = model.save_pretrained_gguf(tmp_path / "lora", tokenizer, lora_only=True)
-    tokens = held_out_tokens(tokenizer, 32)
-    with_adapter = llama_logits(base, tokens, lora_path=str(adapter))
-    merged_logits = llama_logits(merged, tokens)
-    effect = np.abs(merged_logits - llama_logits(base, tokens)).max()
-    diff = np.abs(with_adapter - merged_logits).max()
+    diff, effect = lora_gguf_difference(shared.source_folder, tmp_path, 32, llama_logits, tokenizer)
     print(f"\n{family} LoRA GGUF: max |adapter - merged| {diff:.4f}, adapter effect {effect:.4f}")
     assert effect > 0.1 and diff < 0.05 * effect
 

@@ -226,10 +226,12 @@ def test_k_quants_match_llama_cpp(wide_model, tmp_path, method):
     assert k_tensors >= 10  # the comparison covered K-quant tensors, not only fallbacks
 
 
-@pytest.mark.slow
-def test_lora_adapter_gguf_in_llama_cpp(tiny_chat_folder, tmp_path):
-    """base f16 + our LoRA GGUF adapter in llama.cpp == our merged f16 export in llama.cpp."""
-    model, tokenizer = FastModel.from_pretrained(str(tiny_chat_folder), dtype="float32", verbose=False)
+def lora_gguf_difference(folder, tmp_path, n_tokens: int, logits_of=None, tokenizer=None) -> tuple[float, float]:
+    """Load ``folder``, add LoRA (non-zero B) and export base f16, merged f16 and the LoRA GGUF; in llama.cpp
+    (``logits_of``, default :func:`llama_logits`) return ``(max |base + adapter - merged|, max |merged - base|)``."""
+    logits_of = logits_of or llama_logits
+    model, loaded_tokenizer = FastModel.from_pretrained(str(folder), dtype="float32", verbose=False)
+    tokenizer = tokenizer or loaded_tokenizer
     model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
     torch.manual_seed(3)
     for name, param in model.named_parameters():
@@ -241,12 +243,17 @@ def test_lora_adapter_gguf_in_llama_cpp(tiny_chat_folder, tmp_path):
         (base,) = model.save_pretrained_gguf(tmp_path / "base", tokenizer, quantization_method="f16")
     (merged,) = model.save_pretrained_gguf(tmp_path / "merged", tokenizer, quantization_method="f16")
     (adapter,) = model.save_pretrained_gguf(tmp_path / "lora", tokenizer, lora_only=True)
-    tokens = held_out_tokens(tokenizer, 64)
-    with_adapter = llama_logits(base, tokens, lora_path=str(adapter))
-    merged_logits = llama_logits(merged, tokens)
-    base_logits = llama_logits(base, tokens)
-    diff = np.abs(with_adapter - merged_logits).max()
-    effect = np.abs(merged_logits - base_logits).max()
+    tokens = held_out_tokens(tokenizer, n_tokens)
+    with_adapter = logits_of(base, tokens, lora_path=str(adapter))
+    merged_logits = logits_of(merged, tokens)
+    base_logits = logits_of(base, tokens)
+    return float(np.abs(with_adapter - merged_logits).max()), float(np.abs(merged_logits - base_logits).max())
+
+
+@pytest.mark.slow
+def test_lora_adapter_gguf_in_llama_cpp(tiny_chat_folder, tmp_path):
+    """base f16 + our LoRA GGUF adapter in llama.cpp == our merged f16 export in llama.cpp."""
+    diff, effect = lora_gguf_difference(tiny_chat_folder, tmp_path, 64)
     print(f"\nLoRA GGUF: max |adapter - merged| {diff:.4f}, adapter effect {effect:.4f}")
     assert effect > 0.5  # the adapter changes the logits
     assert diff < 0.05 * effect
