@@ -57,18 +57,16 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import datasets
+import jinja2
 
 from engine.errors import ConfigurationError, DatasetError, SequenceTooLongError
+from engine.training.rows import as_dataset, as_messages, map_kwargs
 
 __all__ = ["FORMATS", "TRUNCATION_MODES", "detect_format", "tokenize_sft_dataset", "train_on_responses_only"]
 
 IGNORE_INDEX = -100
 FORMATS = ("messages", "prompt_completion", "text", "tokenized")
 TRUNCATION_MODES = ("truncate", "split", "error")
-
-# ShareGPT speaker names -> chat-template roles (TRL's ``maybe_convert_to_chatml`` mapping).
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -111,57 +109,15 @@ def detect_format(column_names: Iterable[str], dataset_text_field: str = "text")
     )
 
 
-def _to_dataset(dataset: datasets.Dataset | Sequence[dict[str, Any]]) -> datasets.Dataset:
-    if isinstance(dataset, datasets.Dataset):
-        return dataset
-    if isinstance(dataset, (datasets.IterableDataset, datasets.DatasetDict)):
-        raise DatasetError(
-            f"expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}. "
-            "Pick a split (dataset['train']) or materialise a streaming dataset (Dataset.from_list(list(ds)))."
-        )
-    rows = list(dataset)
-    if rows and not all(isinstance(row, dict) for row in rows):
-        bad = next(i for i, row in enumerate(rows) if not isinstance(row, dict))
-        raise DatasetError(f"example {bad} is a {type(rows[bad]).__name__}, expected a dict of columns")
-    try:
-        return datasets.Dataset.from_list(rows)
-    except (TypeError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        raise DatasetError(
-            f"could not build a dataset from the list of dicts ({exc}). Every example must have the same "
-            "columns with values of the same type."
-        ) from exc
-
-
-def _as_messages(value: Any, index: int, column: str) -> list[dict[str, Any]]:
-    """Chat messages as ``{"role", "content", ...}`` dicts (ShareGPT ``from``/``value`` converted)."""
-    if not isinstance(value, (list, tuple)) or not all(isinstance(m, dict) for m in value):
-        raise DatasetError(
-            f"example {index}: column '{column}' holds {type(value).__name__}, expected a list of chat messages "
-            "(dicts with 'role' and 'content')"
-        )
-    messages = []
-    for m in value:
-        if m.get("role") is None and "from" in m:
-            role = _SHAREGPT_ROLES.get(str(m["from"]).lower())
-            if role is None:
-                raise DatasetError(
-                    f"example {index}: unknown ShareGPT speaker {m['from']!r} in '{column}'; "
-                    f"expected one of {sorted(_SHAREGPT_ROLES)}"
-                )
-            messages.append({"role": role, "content": m.get("value")})
-        elif m.get("role") is None:
-            raise DatasetError(f"example {index}: a message in '{column}' has no 'role' (keys: {sorted(m)})")
-        else:
-            # Arrow fills keys that other messages have with None; drop them so templates see clean dicts.
-            messages.append({k: v for k, v in m.items() if v is not None or k == "content"})
-    return messages
-
-
 def _is_conversational(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], dict)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
+class _TemplateRejected(Exception):
+    """The chat template raised while rendering one example (re-raised as a DatasetError naming the example)."""
+
+
 class _Encoder:
     """Tokenizer helpers shared by every example of one call."""
 
@@ -185,9 +141,12 @@ class _Encoder:
     def render(self, messages: list[dict], *, add_generation_prompt: bool, tools=None) -> str:
         """The chat template's text for ``messages``."""
         kwargs = {"tools": tools} if tools else {}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except jinja2.TemplateError as exc:  # the template's own checks (raise_exception) and undefined fields
+            raise _TemplateRejected(str(exc)) from exc
 
     def encode_rendered(self, text: str) -> list[int]:
         """Token ids of rendered chat text (its special tokens come from the template, none are added)."""
@@ -232,8 +191,22 @@ def _check_prefix(prefix: list[int], whole: list[int], index: int, what: str) ->
         )
 
 
+def _template_error(index: int, column: str, exc: _TemplateRejected) -> DatasetError:
+    return DatasetError(
+        f"example {index}: the chat template could not render '{column}': {exc}. Check the roles, their order "
+        "(many templates require user/assistant turns to alternate) and the message fields, or fix the example."
+    )
+
+
 def _tokenize_messages(enc: _Encoder, value: Any, index: int, column: str, assistant_only: bool, tools) -> tuple:
-    messages = _as_messages(value, index, column)
+    try:
+        return _tokenize_messages_unchecked(enc, value, index, column, assistant_only, tools)
+    except _TemplateRejected as exc:
+        raise _template_error(index, column, exc) from exc
+
+
+def _tokenize_messages_unchecked(enc, value, index, column, assistant_only, tools) -> tuple:
+    messages = as_messages(value, index, column)
     if not messages:
         raise DatasetError(f"example {index}: '{column}' is an empty conversation")
     ids = enc.encode_rendered(enc.render(messages, add_generation_prompt=False, tools=tools))
@@ -253,8 +226,15 @@ def _tokenize_messages(enc: _Encoder, value: Any, index: int, column: str, assis
 
 
 def _tokenize_conversational_pc(enc: _Encoder, prompt: Any, completion: Any, index: int, tools) -> tuple:
-    prompt_msgs = _as_messages(prompt, index, "prompt")
-    completion_msgs = _as_messages(completion, index, "completion")
+    try:
+        return _tokenize_conversational_pc_unchecked(enc, prompt, completion, index, tools)
+    except _TemplateRejected as exc:
+        raise _template_error(index, "prompt' + 'completion", exc) from exc
+
+
+def _tokenize_conversational_pc_unchecked(enc, prompt, completion, index, tools) -> tuple:
+    prompt_msgs = as_messages(prompt, index, "prompt")
+    completion_msgs = as_messages(completion, index, "completion")
     prompt_ids = enc.encode_rendered(enc.render(prompt_msgs, add_generation_prompt=True, tools=tools))
     ids = enc.encode_rendered(enc.render(prompt_msgs + completion_msgs, add_generation_prompt=False, tools=tools))
     _check_prefix(prompt_ids, ids, index, "prompt (rendered with add_generation_prompt=True)")
@@ -309,7 +289,7 @@ def tokenize_sft_dataset(
         raise ConfigurationError(f"truncation={truncation!r} is not one of {list(TRUNCATION_MODES)}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise ConfigurationError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
-    dataset = _to_dataset(dataset)
+    dataset = as_dataset(dataset)
     if len(dataset) == 0:
         raise DatasetError("the dataset is empty (0 examples); there is nothing to train on")
     fmt = detect_format(dataset.column_names, dataset_text_field)
@@ -368,11 +348,12 @@ def tokenize_sft_dataset(
         features=features,
         num_proc=num_proc,
         desc=f"Tokenizing SFT dataset ({fmt})",
+        **map_kwargs(dataset),
     )
     n_truncated = _count_true(result, "_truncated")
     n_dropped = _count_true(result, "_drop")
     if n_dropped:
-        result = result.filter(lambda drop: not drop, input_columns="_drop", num_proc=num_proc)
+        result = result.filter(lambda drop: not drop, input_columns="_drop", num_proc=num_proc, **map_kwargs(result))
     result = result.remove_columns(["_truncated", "_drop"])
     if n_truncated and truncation == "truncate":
         warnings.warn(
@@ -552,7 +533,7 @@ def train_on_responses_only(
         DatasetError: no ``input_ids`` column, or an example in which ``response_part`` never occurs.
         ConfigurationError: a part that tokenizes to nothing.
     """
-    dataset = _to_dataset(dataset)
+    dataset = as_dataset(dataset)
     if "input_ids" not in dataset.column_names:
         raise DatasetError(
             f"train_on_responses_only needs a tokenized dataset with an 'input_ids' column, got columns "
