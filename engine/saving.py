@@ -6,18 +6,23 @@
 * :func:`save_pretrained_merged` folds each adapter into its base weight (``W + s * B @ A``
   in fp32, then cast) and writes a folder ``transformers.AutoModelForCausalLM`` loads.
   Tensors are merged and written shard by shard, so the model is never held twice.
+
+Both are crash-safe (:mod:`engine.files`): every file is written under a temporary name and renamed into place
+when the whole save is written, so a save killed half-way leaves the previous one intact and loadable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from engine.errors import ConfigurationError
+from engine.files import PARTIAL_MARK, StagedFolder
 from engine.modules.linear import Linear
 from engine.peft import adapter_state_dict, lora_modules
 
@@ -50,11 +55,12 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **
         save_pretrained_merged(model, out, tokenizer, save_method="merged_32bit" if model.dtype == torch.float32 else "merged_16bit", **kwargs)
         return
     config = model.lora_settings.to_peft_config(model.name_or_path)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    with StagedFolder(out) as stage:  # crash-safe: files renamed into place once all are written
+        stage.write_text("adapter_config.json", json.dumps(config, indent=2) + "\n")
+        save_file(tensors, stage.path("adapter_model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            stage.add_folder(tokenizer.save_pretrained)
 
 
 def _merged_tensors(model, dtype: torch.dtype):
@@ -76,11 +82,14 @@ def _merged_tensors(model, dtype: torch.dtype):
         yield name, param.detach().to(dtype)
 
 
-def _write_shards(tensors, out: Path, limit: int) -> list[tuple[str, list[str], int]]:
-    """Write ``(name, tensor)`` pairs into safetensors files of at most ``limit`` bytes (one tensor may exceed it).
+def _write_shards(tensors, stage: StagedFolder, limit: int) -> list[tuple[str, list[str], int]]:
+    """Write ``(name, tensor)`` pairs into safetensors shards of at most ``limit`` bytes (one tensor may exceed it).
+
+    Each shard is written to a temporary file of ``stage``; :func:`save_pretrained_merged` names them
+    (``model.safetensors``, or ``model-00001-of-0000N.safetensors`` when there are several) once all are written.
 
     Returns:
-        ``[(file name, tensor names, bytes)]`` per shard, files named ``shard-00001.safetensors``, ...
+        ``[(temporary path, tensor names, bytes)]`` per shard.
     """
     shards: list[tuple[str, list[str], int]] = []
     current: dict[str, torch.Tensor] = {}
@@ -88,9 +97,9 @@ def _write_shards(tensors, out: Path, limit: int) -> list[tuple[str, list[str], 
 
     def flush() -> None:
         nonlocal current, size
-        name = f"shard-{len(shards) + 1:05d}.safetensors"
-        save_file(current, str(out / name), metadata={"format": "pt"})
-        shards.append((name, list(current), size))
+        path = os.path.join(stage.folder, f".shard-{len(shards) + 1:05d}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+        save_file(current, path, metadata={"format": "pt"})
+        shards.append((path, list(current), size))
         current, size = {}, 0
 
     for name, tensor in tensors:
@@ -134,23 +143,31 @@ def save_pretrained_merged(
         else:
             dtype = model.dtype if model.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    shard_files = _write_shards(_merged_tensors(model, dtype), out, _parse_size(max_shard_size))
-    if len(shard_files) == 1:
-        (out / shard_files[0][0]).rename(out / "model.safetensors")
-    else:
+    previous = {p.name for p in out.glob("model*.safetensors*")} if out.is_dir() else set()
+    with StagedFolder(out) as stage:  # crash-safe: files renamed into place once all are written
+        try:
+            shard_files = _write_shards(_merged_tensors(model, dtype), stage, _parse_size(max_shard_size))
+        except BaseException:
+            for leftover in out.glob(f".shard-*{PARTIAL_MARK}*"):
+                leftover.unlink(missing_ok=True)
+            raise
         count, weight_map, total = len(shard_files), {}, 0
-        for i, (name, keys, size) in enumerate(shard_files, start=1):
-            final = f"model-{i:05d}-of-{count:05d}.safetensors"
-            (out / name).rename(out / final)
+        for i, (path, keys, size) in enumerate(shard_files, start=1):
+            final = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(path, stage.path(final))
             weight_map.update(dict.fromkeys(keys, final))
             total += size
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = model.hf_config.to_dict()
-    config["torch_dtype"] = _DTYPE_NAMES[dtype]
-    config["dtype"] = _DTYPE_NAMES[dtype]
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        written = set(weight_map.values())
+        if count > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            stage.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+            written.add("model.safetensors.index.json")
+        config = model.hf_config.to_dict()
+        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+        config["dtype"] = _DTYPE_NAMES[dtype]
+        config.pop("quantization_config", None)
+        stage.write_text("config.json", json.dumps(config, indent=2, default=str) + "\n")
+        if tokenizer is not None:
+            stage.add_folder(tokenizer.save_pretrained)
+    for stale in previous - written:  # weights of an earlier save with another sharding would shadow these
+        (out / stale).unlink(missing_ok=True)

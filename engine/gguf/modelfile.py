@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from engine.chat_templates import CHAT_TEMPLATES, detect_chat_template
+from engine.files import write_text
 
 __all__ = ["detect_chat_family", "modelfile_text", "write_modelfile"]
 
@@ -61,5 +62,4 @@ def write_modelfile(gguf_path: str | os.PathLike, tokenizer, path: str | os.Path
     gguf_path = Path(gguf_path)
     out = Path(path) if path is not None else gguf_path.with_name("Modelfile")
     rel = os.path.relpath(gguf_path, out.parent).replace(os.sep, "/")
-    out.write_text(modelfile_text(rel, tokenizer))
-    return out
+    return write_text(out, modelfile_text(rel, tokenizer))

@@ -697,6 +697,8 @@ def write_gguf(
         writer.close()
         partial.unlink(missing_ok=True)
         raise
+    with open(partial, "rb") as f:  # on disk before it takes the final name (crash-safe, see engine.files)
+        os.fsync(f.fileno())
     os.replace(partial, path)
     return path
 

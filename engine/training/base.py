@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from engine.errors import CheckpointError, ConfigurationError
+from engine.files import StagedFolder
 from engine.loader import FastModel
 from engine.models.transformer import CausalLM
 from engine.modules.checkpointing import CheckpointChoice, current_policy
@@ -52,6 +53,45 @@ def pad_token_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The highest-numbered ``checkpoint-<step>`` folder of ``output_dir`` whose save finished, or ``None``.
+
+    transformers writes ``trainer_state.json`` last when it saves a checkpoint, and the engine writes every file
+    under a temporary name first (:mod:`engine.files`), so a checkpoint is complete when its ``trainer_state.json``
+    parses and its weights (``adapter_model.safetensors``, ``model.safetensors`` or a shard index) are in place.
+    Newer, incomplete folders (a save that was killed) are skipped with a warning naming them.
+    """
+    import json
+    import re
+    import warnings
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))),
+        reverse=True,
+    )
+    skipped = []
+    for _, path in steps:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            complete = any((path / name).is_file() for name in (
+                "adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"))
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            if skipped:
+                warnings.warn(
+                    f"resuming from {path.name}: the newer {', '.join(skipped)} is incomplete (its save was "
+                    "interrupted); delete it once training has resumed",
+                    stacklevel=3,
+                )
+            return str(path)
+        skipped.append(path.name)
+    return None
 
 
 class EngineTrainer(transformers.Trainer):
@@ -112,6 +152,10 @@ class EngineTrainer(transformers.Trainer):
         With ``args.flush_denormals`` (off by default; see :mod:`engine.runtime`), CPU training runs with denormal
         floats flushed to zero; the previous setting is restored when training ends.
         """
+        if args and args[0] is not None:
+            args = (self._resolve_resume(args[0]), *args[1:])
+        elif kwargs.get("resume_from_checkpoint") is not None:
+            kwargs["resume_from_checkpoint"] = self._resolve_resume(kwargs["resume_from_checkpoint"])
         self._choose_checkpointing()
         with flush_denormals(enabled=self.model.device.type == "cpu" and self.args.flush_denormals):
             return super().train(*args, **kwargs)
@@ -152,16 +196,31 @@ class EngineTrainer(transformers.Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     # ------------------------------------------------------------------ checkpoints
+    def _resolve_resume(self, resume):
+        """``resume_from_checkpoint=True`` means the last *complete* checkpoint of ``output_dir`` (see
+        :func:`last_complete_checkpoint`), not the highest-numbered folder, which may be a save that was killed."""
+        if resume is not True:
+            return resume
+        found = last_complete_checkpoint(self.args.output_dir)
+        if found is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint-* folder "
+                "(one whose trainer_state.json and weights were fully written). Start without resuming, or pass the "
+                "path of a checkpoint folder."
+            )
+        return found
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        model.save_pretrained(output_dir)  # crash-safe (engine.files)
+        with StagedFolder(output_dir) as stage:
+            if self.processing_class is not None:
+                stage.add_folder(self.processing_class.save_pretrained)
+            torch.save(self.args, stage.path("training_args.bin"))  # written for transformers' tools; never loaded
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         from safetensors.torch import load_file

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from engine.files import write_text
+
 MIB = 1024 * 1024
 REPORT_FILENAME = "training_report.json"
 
@@ -230,7 +232,7 @@ class TrainingReport(TrainerCallback):
             if args.output_dir:
                 out = Path(args.output_dir)
                 out.mkdir(parents=True, exist_ok=True)
-                (out / REPORT_FILENAME).write_text(json.dumps(asdict(self.summary), indent=2))
+                write_text(out / REPORT_FILENAME, json.dumps(asdict(self.summary), indent=2))
             if self.print_summary:
                 suffix = " (this process; tokens are per process)" if world_size > 1 else ""
                 print(f"engine: training summary{suffix}\n{self.summary.table()}")
