@@ -13,7 +13,7 @@ from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from kernels.rms_norm import rms_norm
 from kernels.rope import rope, rope_cos_sin
 from kernels.swiglu import swiglu
-from kernels.token_log_probs import linear_token_log_probs
+from kernels.token_log_probs import linear_token_entropy, linear_token_log_probs
 
 __all__ = [
     "NF4Weight",
@@ -23,6 +23,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "geglu",
     "glu_activation",
+    "linear_token_entropy",
     "linear_token_log_probs",
     "lora_linear",
     "nf4_dequantize",

@@ -144,3 +144,123 @@ class DPOConfig(EngineTrainingArguments):
             )
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ConfigurationError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+
+
+#: GRPO losses we implement (TRL 1.16's normalisations); the other TRL loss types are refused by name.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+GRPO_UNSUPPORTED_TRL_LOSS_TYPES = ("cispo", "sapo", "luspo", "vespo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig(EngineTrainingArguments):
+    """Arguments of :class:`engine.GRPOTrainer` (``TrainingArguments`` plus TRL 1.16's GRPO fields below).
+
+    Field names, defaults and meanings are TRL's, except: ``max_prompt_length`` is ours (TRL has none);
+    ``bf16`` and ``gradient_checkpointing`` keep ``TrainingArguments``' defaults (False: the model's dtype and
+    the checkpointing chosen by ``FastModel.get_peft_model`` apply; TRL turns both on). The reference policy
+    (``beta > 0``) is the model with its LoRA adapters disabled.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate (TRL's default)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt (a group)."})
+    max_completion_length: int = field(default=512, metadata={"help": "Most tokens generated per completion."})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Ours (not TRL's): keep only the last N prompt tokens; None keeps whole prompts."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (also used to score tokens)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1 keeps every token."})
+    top_k: int = field(default=0, metadata={"help": "Keep the k most likely tokens; 0 disables top-k."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; 0 skips the reference forward pass."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping bound of the importance ratio (1 - eps)."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clipping bound (1 + eps_high); None: same as epsilon."}
+    )
+    loss_type: str = field(default="dapo", metadata={"help": "One of 'grpo', 'dr_grpo', 'dapo', 'bnpo'."})
+    scale_rewards: str = field(
+        default="group", metadata={"help": "Divide advantages by the std of the 'group', the 'batch', or 'none'."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generation batch (mu)."})
+    mask_truncated_completions: bool = field(
+        default=False, metadata={"help": "Leave completions that did not end (no EOS) out of the loss."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default: all 1.0)."}
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Completions per generation (default per_device_train_batch_size x steps_per_generation)."},
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-batches per generation (default gradient_accumulation_steps)."}
+    )
+    use_bias_correction_kl: bool = field(
+        default=True, metadata={"help": "Multiply the per-token KL by the importance ratio (TRL's default)."}
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the prompts (seeded by seed)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _engine_defaults(self)
+        self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
+        if self.loss_type in GRPO_UNSUPPORTED_TRL_LOSS_TYPES:
+            raise ConfigurationError(
+                f"loss_type={self.loss_type!r} (a TRL loss) is not supported by engine.GRPOTrainer; "
+                f"use one of {GRPO_LOSS_TYPES}"
+            )
+        if self.loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigurationError(f"loss_type must be one of {GRPO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.scale_rewards not in GRPO_SCALE_REWARDS:
+            raise ConfigurationError(
+                f"scale_rewards must be one of {GRPO_SCALE_REWARDS} (or True/False), got {self.scale_rewards!r}"
+            )
+        if self.num_generations < 2:
+            raise ConfigurationError(
+                f"num_generations must be at least 2 (advantages compare completions of one prompt), got "
+                f"{self.num_generations}"
+            )
+        if self.max_completion_length < 1:
+            raise ConfigurationError(f"max_completion_length must be at least 1, got {self.max_completion_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigurationError(f"max_prompt_length must be at least 1 or None, got {self.max_prompt_length}")
+        if not self.temperature > 0:
+            raise ConfigurationError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigurationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.beta < 0 or self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigurationError("beta, epsilon and epsilon_high must be non-negative")
+        if self.num_iterations < 1:
+            raise ConfigurationError(f"num_iterations must be at least 1, got {self.num_iterations}")
+        if self.auto_find_batch_size:
+            raise ConfigurationError(
+                "auto_find_batch_size is not supported by GRPO (the generation batch must hold whole prompt groups); "
+                "lower per_device_train_batch_size instead"
+            )
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ConfigurationError("set generation_batch_size or steps_per_generation, not both")
+        if self.generation_batch_size is None:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            if self.generation_batch_size % global_batch:
+                raise ConfigurationError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be a multiple of the global batch size "
+                    f"({global_batch} = per_device_train_batch_size x processes)"
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        if self.generation_batch_size % self.num_generations:
+            raise ConfigurationError(
+                f"num_generations ({self.num_generations}) must divide the generation batch "
+                f"({self.generation_batch_size} = per_device_train_batch_size x processes x steps_per_generation), "
+                "so that every prompt's group of completions is generated together. Change num_generations, "
+                "per_device_train_batch_size or gradient_accumulation_steps/steps_per_generation."
+            )
+        if self.do_eval and self.eval_strategy != "no":
+            if (self.per_device_eval_batch_size * self.world_size) % self.num_generations:
+                raise ConfigurationError(
+                    f"per_device_eval_batch_size x processes ({self.per_device_eval_batch_size * self.world_size}) must "
+                    f"be a multiple of num_generations ({self.num_generations})"
+                )

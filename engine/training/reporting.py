@@ -112,6 +112,9 @@ class ReportSummary:
     memory: dict
     step_records: list = field(default_factory=list)
     checkpointing: dict = field(default_factory=dict)
+    #: Trainers that generate (GRPO): ``seconds``, ``completion_tokens``, ``tokens_per_second`` of the rollouts and
+    #: ``training_seconds`` (total minus generation). Empty for SFT/DPO.
+    generation: dict = field(default_factory=dict)
 
     def table(self) -> str:
         """A small aligned text table of the headline numbers."""
@@ -130,6 +133,10 @@ class ReportSummary:
             rows.append(("final loss", f"{self.final_loss:.4f}"))
         if self.checkpointing:
             rows.append(("checkpointing", checkpointing_text(self.checkpointing)))
+        if self.generation:
+            gen = self.generation
+            rows.append(("generation", f"{gen['seconds']:.1f} s, {gen['completion_tokens']:,} tokens "
+                                       f"({gen['tokens_per_second']:,.0f} tok/s); training {gen['training_seconds']:.1f} s"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         rule = "-" * max(len(line) for line in lines)
@@ -175,6 +182,8 @@ class TrainingReport(TrainerCallback):
         self._losses: dict[int, float] = {}
         #: Set by the trainer when training starts: :meth:`CheckpointChoice.as_dict` of the policy in use.
         self.checkpointing: dict = {}
+        #: Set by generating trainers (GRPO): ``{"seconds": ..., "completion_tokens": ...}`` so far.
+        self.generation: dict = {}
 
     def add_tokens(self, n: int) -> None:
         self._pending_tokens += int(n)
@@ -207,6 +216,17 @@ class TrainingReport(TrainerCallback):
         if logs and "loss" in logs:
             self._losses[state.global_step] = float(logs["loss"])
 
+    def _generation_summary(self, total_seconds: float) -> dict:
+        if not self.generation:
+            return {}
+        seconds, tokens = float(self.generation["seconds"]), int(self.generation["completion_tokens"])
+        return {
+            "seconds": seconds,
+            "completion_tokens": tokens,
+            "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+            "training_seconds": max(total_seconds - seconds, 0.0),
+        }
+
     def on_train_end(self, args, state, control, **kwargs):
         memory = self.meter.stop()
         for record in self.records:
@@ -227,6 +247,7 @@ class TrainingReport(TrainerCallback):
             memory=memory,
             step_records=[asdict(r) for r in self.records],
             checkpointing=dict(self.checkpointing),
+            generation=self._generation_summary(total),
         )
         if state.is_world_process_zero:
             if args.output_dir:

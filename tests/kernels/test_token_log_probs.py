@@ -242,3 +242,27 @@ def test_token_log_probs_softcap_is_minus_the_softcapped_cross_entropy(dtype):
     got, want = grads(-logp.sum(), [h, w], torch.ones(())), grads(ce, [hc, wc], torch.ones(()))
     assert_close(got[0], want[0], dtype, "tlp_vs_ce.dhidden", reduction=True)
     assert_close(got[1], want[1], dtype, "tlp_vs_ce.dweight", reduction=True)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_temperature_matches_reference_and_entropy(softcap):
+    """Logits divided by a temperature (GRPO scores tokens as sampled): values and gradients as the unfused
+    reference; the chunked entropy equals the entropy of the full softmax."""
+    from kernels.token_log_probs import linear_token_entropy
+
+    hidden0, weight0, grad_out = _data()
+    targets = random_labels(N, V, "scattered")
+    out, ref, g, g_ref, _ = _run(hidden0, weight0, targets, torch.float32, grad_out, softcap=softcap,
+                                 temperature=0.7, chunk_size=5)
+    assert_close(out, ref, torch.float32, "tlp.out.temperature", reduction=True)
+    for name, a, b in zip(("dhidden", "dweight"), g, g_ref):
+        assert_close(a, b, torch.float32, f"tlp.{name}.temperature", reduction=True)
+    z = hidden0 @ weight0.t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = torch.log_softmax(z / 0.7, dim=-1)
+    expected = -(log_p.exp() * log_p).sum(-1)
+    entropy = linear_token_entropy(hidden0, weight0, softcap, 0.7, chunk_size=6)
+    torch.testing.assert_close(entropy, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_token_log_probs(hidden0, weight0, targets, temperature=0.0)
