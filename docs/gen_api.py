@@ -105,7 +105,7 @@ SECTIONS: list[tuple[str, str, object]] = [
     (
         "Data helpers",
         "",
-        [Entry("engine.train_on_responses_only"), Entry("engine.training.dpo_data.to_conversational_preference")],
+        [Entry("engine.train_on_responses_only"), Entry("engine.training.preference_data.to_conversational_preference")],
     ),
     (
         "Chat templates",

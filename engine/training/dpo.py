@@ -25,7 +25,7 @@ from engine.errors import ConfigurationError
 from engine.peft import lora_modules
 from engine.training.base import EngineTrainer, pad_token_id, resolve_config
 from engine.training.config import DPOConfig
-from engine.training.dpo_data import (
+from engine.training.preference_data import (
     PreferenceCollator,
     reference_sequence_log_probs,
     sequence_log_probs,
