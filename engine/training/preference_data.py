@@ -54,6 +54,7 @@ from engine.errors import ConfigurationError, DatasetError
 
 __all__ = [
     "PREFERENCE_COLUMNS",
+    "collate_sequences",
     "completion_log_prob_sums",
     "prompt_completion_ids",
     "PreferenceCollator",
@@ -324,6 +325,39 @@ def tokenize_preference_dataset(
 
 
 # ---------------------------------------------------------------------------------------------- batching
+def collate_sequences(
+    sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], *, pad_token_id: int, padding_free: bool
+) -> dict[str, torch.Tensor]:
+    """``n`` token sequences and their completion masks as one batch, padded on the right or padding-free.
+
+    Returns:
+        padded: int64 ``input_ids``, ``attention_mask``, ``completion_mask`` ``[n, s]`` (``s`` = longest sequence);
+        ``padding_free``: int64 ``input_ids``, ``position_ids`` (restarting at 0 for each sequence),
+        ``completion_mask`` ``[1, T]`` (``T`` = total tokens), ``sequence_index`` ``[T]`` (the sequence of each
+        token) and ``sequence_lengths`` ``[n]``.
+    """
+    lengths = [len(s) for s in sequences]
+    if padding_free:
+        return {
+            "input_ids": torch.tensor([[t for s in sequences for t in s]], dtype=torch.long),
+            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),
+            "completion_mask": torch.tensor([[m for mask in masks for m in mask]], dtype=torch.long),
+            "sequence_index": torch.repeat_interleave(
+                torch.arange(len(sequences)), torch.tensor(lengths, dtype=torch.long)
+            ),
+            "sequence_lengths": torch.tensor(lengths, dtype=torch.long),
+        }
+    width = max(lengths)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (seq, mask) in enumerate(zip(sequences, masks)):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+        completion_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
 @dataclass
 class PreferenceCollator:
     """Batch tokenized preference examples for one forward pass over chosen and rejected sequences.
@@ -361,28 +395,7 @@ class PreferenceCollator:
         sequences += [list(f["prompt_ids"]) + list(f["rejected_ids"]) for f in features]
         masks = [[0] * len(f["prompt_ids"]) + [1] * len(f["chosen_ids"]) for f in features]
         masks += [[0] * len(f["prompt_ids"]) + [1] * len(f["rejected_ids"]) for f in features]
-        lengths = [len(s) for s in sequences]
-
-        if self.padding_free:
-            out = {
-                "input_ids": torch.tensor([[t for s in sequences for t in s]], dtype=torch.long),
-                "position_ids": torch.tensor([[p for n in lengths for p in range(n)]], dtype=torch.long),
-                "completion_mask": torch.tensor([[m for mask in masks for m in mask]], dtype=torch.long),
-                "sequence_index": torch.repeat_interleave(
-                    torch.arange(len(sequences)), torch.tensor(lengths, dtype=torch.long)
-                ),
-                "sequence_lengths": torch.tensor(lengths, dtype=torch.long),
-            }
-        else:
-            width = max(lengths)
-            input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-            completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-            for row, (seq, mask) in enumerate(zip(sequences, masks)):
-                input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                attention_mask[row, : len(seq)] = 1
-                completion_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.long)
-            out = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        out = collate_sequences(sequences, masks, pad_token_id=self.pad_token_id, padding_free=self.padding_free)
         for key in _REF_COLUMNS:
             if key in features[0]:
                 out[key] = torch.tensor([float(f[key]) for f in features], dtype=torch.float32)
