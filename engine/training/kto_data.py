@@ -150,7 +150,7 @@ def tokenize_unpaired_dataset(
             "bool 'label' (True = desirable) per row, or paired 'prompt'/'chosen'/'rejected' rows; rename columns with "
             "dataset.rename_column(old, new)."
         )
-    labels = dataset["label"]
+    labels = list(dataset["label"])
     bad = [i for i, v in enumerate(labels) if not isinstance(v, bool)]
     if bad:
         raise DatasetError(
@@ -220,7 +220,7 @@ def add_kl_completions(dataset, batch_size: int):
             f"the KL estimate pairs each prompt with another row's completion in the same batch, so "
             f"per_device_train_batch_size must be at least 2, got {batch_size}"
         )
-    completions = dataset["completion_ids"]
+    completions = list(dataset["completion_ids"])
     kl = []
     for start in range(0, len(completions), batch_size):
         block = completions[start : start + batch_size]
