@@ -267,7 +267,7 @@ def tokenize_preference_dataset(
     missing = [c for c in PREFERENCE_COLUMNS if c not in columns and not (c == "prompt" and implicit_prompt)]
     if missing:
         raise DatasetError(
-            f"the preference dataset lacks the column(s) {missing}; it has {columns}. DPO needs 'prompt', 'chosen' "
+            f"the preference dataset lacks the column(s) {missing}; it has {columns}. DPO and ORPO need 'prompt', 'chosen' "
             "and 'rejected' (or only 'chosen' and 'rejected' sharing the prompt as a prefix); rename the columns "
             "with dataset.rename_column(old, new)."
         )
