@@ -116,7 +116,8 @@ class KTOTrainer(PreferenceTrainer):
                 self.eval_dataset = self._with_reference_log_probs(self.eval_dataset, "eval")
 
     def _prepare(self, dataset, tokenizer, args: KTOConfig, batch_size: int, *, train: bool) -> datasets.Dataset:
-        if not (isinstance(dataset, datasets.Dataset) and {"prompt_ids", "completion_ids"} <= set(dataset.column_names)):
+        columns = set(dataset.column_names) if isinstance(dataset, datasets.Dataset) else set()
+        if not {"prompt_ids", "completion_ids"} <= columns:
             dataset = tokenize_unpaired_dataset(
                 dataset,
                 tokenizer,
@@ -171,4 +172,6 @@ class KTOTrainer(PreferenceTrainer):
         )
         self.record(split, kto_metrics(chosen_rewards, rejected_rewards, logps, labels, kl))
         loss = losses.nanmean()
-        return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs else loss
+        if return_outputs:
+            return loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+        return loss

@@ -159,7 +159,8 @@ def tokenize_unpaired_dataset(
             "dataset.map(lambda r: {'label': r['label'] == 1}) or dataset.cast_column('label', datasets.Value('bool'))."
         )
     if require_both_labels and len(set(labels)) < 2:
-        only, other = ("desirable (True)", "undesirable (False)") if labels[0] else ("undesirable (False)", "desirable (True)")
+        kinds = ("desirable (True)", "undesirable (False)")
+        only, other = kinds if labels[0] else kinds[::-1]
         raise DatasetError(
             f"every one of the {len(labels)} examples is {only}; KTO's loss weighs desirable against undesirable "
             f"completions and needs both. Add {other} examples (or unpair a prompt/chosen/rejected dataset), or use "

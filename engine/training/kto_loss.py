@@ -92,7 +92,9 @@ def kto_loss(
             f"{tuple(ref_logps.shape)}, {tuple(labels.shape)}"
         )
     if loss_type == "kto" and kl is None:
-        raise ConfigurationError("the 'kto' loss needs the KL estimate (kl_estimate(...)); only apo_zero_unpaired has none")
+        raise ConfigurationError(
+            "the 'kto' loss needs the KL estimate (kl_estimate(...)); only apo_zero_unpaired has none"
+        )
     labels = labels.to(policy_logps.device, torch.bool)
     logratios = policy_logps.float() - ref_logps.float().to(policy_logps.device)
     chosen, rejected = logratios[labels], logratios[~labels]

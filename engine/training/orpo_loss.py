@@ -34,7 +34,7 @@ _MINUS_LN2 = -math.log(2.0)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, without cancellation (``log1p(-e^x)`` below ``-ln 2``, else ``log(-expm1 x)``)."""
+    """``log(1 - exp(x))`` for ``x <= 0``, stably: ``log1p(-e^x)`` below ``-ln 2``, else ``log(-expm1(x))``."""
     return torch.where(x < _MINUS_LN2, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 

@@ -267,9 +267,9 @@ def tokenize_preference_dataset(
     missing = [c for c in PREFERENCE_COLUMNS if c not in columns and not (c == "prompt" and implicit_prompt)]
     if missing:
         raise DatasetError(
-            f"the preference dataset lacks the column(s) {missing}; it has {columns}. DPO and ORPO need 'prompt', 'chosen' "
-            "and 'rejected' (or only 'chosen' and 'rejected' sharing the prompt as a prefix); rename the columns "
-            "with dataset.rename_column(old, new)."
+            f"the preference dataset lacks the column(s) {missing}; it has {columns}. DPO and ORPO need 'prompt', "
+            "'chosen' and 'rejected' (or only 'chosen' and 'rejected' sharing the prompt as a prefix); rename the "
+            "columns with dataset.rename_column(old, new)."
         )
     first = dataset[0]
     conversational = _is_messages(first["chosen"])

@@ -96,8 +96,10 @@ def test_kto_loss_by_hand():
 def test_orpo_loss_by_hand():
     chosen, rejected = torch.tensor([-0.5, -2.0]), torch.tensor([-1.0, -0.1])
     for x in (-3.0, -0.7, -0.69, -1e-4):
-        assert log1mexp(torch.tensor(x, dtype=torch.float64)).item() == pytest.approx(math.log(1 - math.exp(x)), rel=1e-9)
-    log_odds = [(c - r) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(r))) for c, r in zip([-0.5, -2.0], [-1.0, -0.1])]
+        expected = math.log(1 - math.exp(x))
+        assert log1mexp(torch.tensor(x, dtype=torch.float64)).item() == pytest.approx(expected, rel=1e-9)
+    pairs = zip([-0.5, -2.0], [-1.0, -0.1])
+    log_odds = [(c - r) - (math.log(1 - math.exp(c)) - math.log(1 - math.exp(r))) for c, r in pairs]
     ratio = [math.log(_sig(x)) for x in log_odds]
     loss, m = orpo_loss(chosen, rejected, torch.tensor(1.5), beta=0.2)
     assert loss.item() == pytest.approx(1.5 - 0.2 * sum(ratio) / 2, rel=1e-6)
@@ -225,9 +227,12 @@ def _compare_grads(ours, params) -> float:
 
 
 def _compare_metrics(ours: dict, theirs: dict) -> None:
-    """Same names, values within 1e-5 relative to the scale of what they are computed from: ``rewards/margins`` is
-    a difference of rewards, ORPO's ``log_odds_chosen`` one of mean log-probs, and KTO's ``kl`` and rewards are differences of two log-prob sums of size ``|logps|``
-    (~200 here), whose fp32 rounding (~1e-7 relative) sets their scale."""
+    """Same names, values within 1e-5 relative to the scale of what they are computed from.
+
+    ``rewards/margins`` is a difference of rewards, ORPO's ``log_odds_chosen`` one of mean log-probs, and KTO's ``kl``
+    and rewards are differences of two log-prob sums of size ``|logps|`` (~200 here), whose fp32 rounding (~1e-7
+    relative) sets their scale.
+    """
     assert set(ours) == set(theirs) - TRL_ONLY_METRICS, (sorted(ours), sorted(theirs))
     sums = abs(theirs.get("logps/chosen", 0.0)) if "kl" in theirs else 0.0
     for key, value in ours.items():
@@ -367,7 +372,8 @@ def test_orpo_padding_free_equals_padded(ours_lora, smollm2_tokenizer):
 # ---------------------------------------------------------------------------------------------- trainers
 def _model(folder):
     model, tokenizer = FastModel.from_pretrained(str(folder), dtype="float32", max_seq_length=512, verbose=False)
-    return FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, random_state=0), tokenizer
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, random_state=0)
+    return model, tokenizer
 
 
 def _kto_args(tmp_path, **overrides) -> KTOConfig:
