@@ -90,6 +90,8 @@ SECTIONS: list[tuple[str, str, object]] = [
         [
             Entry("engine.SFTTrainer"),
             Entry("engine.DPOTrainer"),
+            Entry("engine.KTOTrainer"),
+            Entry("engine.ORPOTrainer"),
             Entry("engine.training.base.EngineTrainer.training_summary"),
             Entry("engine.training.reporting.ReportSummary", members=True, signature=False),
         ],
@@ -100,12 +102,17 @@ SECTIONS: list[tuple[str, str, object]] = [
             "Both extend `transformers.TrainingArguments`: every Trainer argument is accepted. The tables list the "
             "fields each config adds or whose default it changes."
         ),
-        [Entry("engine.SFTConfig", signature=False), Entry("engine.DPOConfig", signature=False)],
+        [
+            Entry("engine.SFTConfig", signature=False),
+            Entry("engine.DPOConfig", signature=False),
+            Entry("engine.KTOConfig", signature=False),
+            Entry("engine.ORPOConfig", signature=False),
+        ],
     ),
     (
         "Data helpers",
         "",
-        [Entry("engine.train_on_responses_only"), Entry("engine.training.dpo_data.to_conversational_preference")],
+        [Entry("engine.train_on_responses_only"), Entry("engine.training.preference_data.to_conversational_preference")],
     ),
     (
         "Chat templates",

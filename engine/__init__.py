@@ -35,6 +35,10 @@ _LAZY = {
     "train_on_responses_only": "engine.training.sft_data",
     "estimate_memory": "engine.memory",
     "max_context": "engine.memory",
+    "KTOTrainer": "engine.training.kto",
+    "KTOConfig": "engine.training.config",
+    "ORPOTrainer": "engine.training.orpo",
+    "ORPOConfig": "engine.training.config",
 }
 
 
@@ -65,4 +69,8 @@ __all__ = [
     "get_chat_template",
     "max_context",
     "train_on_responses_only",
+    "KTOConfig",
+    "KTOTrainer",
+    "ORPOConfig",
+    "ORPOTrainer",
 ]

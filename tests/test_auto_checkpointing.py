@@ -344,7 +344,7 @@ def test_trainer_config_gradient_checkpointing_overrides_auto(tiny_chat_folder, 
 def test_step_shapes_of_the_trainers():
     from engine.training.collators import PaddedCollator, PaddingFreeCollator
     from engine.training.dpo import DPOTrainer
-    from engine.training.dpo_data import PreferenceCollator
+    from engine.training.preference_data import PreferenceCollator
 
     def fake(cls, collator, max_length=100, batch=3):
         trainer = object.__new__(cls)  # only what step_shape reads

@@ -264,3 +264,96 @@ class GRPOConfig(EngineTrainingArguments):
                     f"per_device_eval_batch_size x processes ({self.per_device_eval_batch_size * self.world_size}) must "
                     f"be a multiple of num_generations ({self.num_generations})"
                 )
+
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTOConfig(EngineTrainingArguments):
+    """Arguments of :class:`engine.KTOTrainer` (``TrainingArguments`` plus TRL's KTO fields below).
+
+    The reference policy is the model with its LoRA adapters disabled, or log-probabilities computed once before
+    training (``precompute_ref_log_probs``). ``train_sampling_strategy`` defaults to ``"sequential"`` (TRL's
+    default too): the KL estimate pairs each prompt with a completion of the same batch, fixed when the data is
+    prepared, so ``loss_type="kto"`` refuses any other sampler.
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate (TRL's default)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    train_sampling_strategy: str = field(
+        default="sequential", metadata={"help": "Must stay 'sequential' for loss_type='kto' (the KL pairing)."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "Strength of the pull towards the reference."})
+    loss_type: str = field(default="kto", metadata={"help": "One of 'kto', 'apo_zero_unpaired'."})
+    desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses."})
+    undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion in tokens."})
+    padding_free: bool = field(default=False, metadata={"help": "Flatten each batch into one row without padding."})
+    precompute_ref_log_probs: bool = field(
+        default=False, metadata={"help": "Compute reference log-probs once before training."}
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size for precomputing (default: per_device_train_batch_size)."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize."})
+    drop_truncated: bool = field(
+        default=False,
+        metadata={"help": "Drop (with a warning) examples whose prompt fills max_length instead of raising."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _engine_defaults(self)
+        if self.loss_type not in KTO_LOSS_TYPES:
+            raise ConfigurationError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {self.loss_type!r}")
+        if self.beta <= 0:
+            raise ConfigurationError(f"beta must be positive, got {self.beta}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ConfigurationError(
+                f"desirable_weight and undesirable_weight must be positive, got {self.desirable_weight} and "
+                f"{self.undesirable_weight}"
+            )
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigurationError(f"max_length must be at least 2 (or None), got {self.max_length}")
+        if self.loss_type == "kto":
+            if self.train_sampling_strategy != "sequential":
+                raise ConfigurationError(
+                    f"loss_type='kto' pairs each prompt with a completion of the same batch for its KL estimate, "
+                    f"fixed when the data is prepared, so it needs train_sampling_strategy='sequential' (got "
+                    f"{self.train_sampling_strategy!r}); shuffle the dataset beforehand instead"
+                )
+            if self.per_device_train_batch_size < 2:
+                raise ConfigurationError(
+                    "loss_type='kto' needs per_device_train_batch_size >= 2: with one row per batch the KL pair would "
+                    "be the row itself and the KL term would equal the reward"
+                )
+
+
+@dataclass
+class ORPOConfig(EngineTrainingArguments):
+    """Arguments of :class:`engine.ORPOTrainer` (``TrainingArguments`` plus TRL's ORPO fields below).
+
+    ORPO has no reference model. ``beta`` is the weight of the odds-ratio term (the paper's λ).
+    """
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak AdamW learning rate (TRL's default)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    beta: float = field(default=0.1, metadata={"help": "Weight of the odds-ratio term (the paper's lambda)."})
+    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion in tokens."})
+    padding_free: bool = field(
+        default=False, metadata={"help": "Flatten chosen and rejected sequences into one row without padding."}
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize."})
+    drop_truncated: bool = field(
+        default=False,
+        metadata={"help": "Drop (with a warning) examples whose prompt fills max_length instead of raising."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _engine_defaults(self)
+        if self.beta <= 0:
+            raise ConfigurationError(f"beta must be positive, got {self.beta}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigurationError(f"max_length must be at least 2 (or None), got {self.max_length}")

@@ -15,26 +15,25 @@ Tokenization, batching and losses equal TRL's ``DPOTrainer`` (tested to 1e-5 in 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import datasets
 import torch
 from tqdm.auto import tqdm
 
 from engine.errors import ConfigurationError
 from engine.peft import lora_modules
-from engine.training.base import EngineTrainer, pad_token_id, resolve_config
+from engine.training.base import pad_token_id, resolve_config
 from engine.training.config import DPOConfig
-from engine.training.dpo_data import (
+from engine.training.preference_data import (
     PreferenceCollator,
     reference_sequence_log_probs,
     sequence_log_probs,
     tokenize_preference_dataset,
 )
 from engine.training.dpo_loss import dpo_loss, dpo_metrics
+from engine.training.preference_base import PreferenceTrainer
 
 
-class DPOTrainer(EngineTrainer):
+class DPOTrainer(PreferenceTrainer):
     """Preference tuning on ``prompt`` / ``chosen`` / ``rejected`` data (strings or conversations).
 
     Args:
@@ -83,7 +82,6 @@ class DPOTrainer(EngineTrainer):
             eval_dataset = self._tokenize(eval_dataset, tok, args)
         if data_collator is None:
             data_collator = PreferenceCollator(pad_token_id=pad_token_id(tok), padding_free=args.padding_free)
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(
             model=model,
             args=args,
@@ -157,23 +155,6 @@ class DPOTrainer(EngineTrainer):
             chosen_lengths=extra["chosen_lengths"],
             rejected_lengths=extra["rejected_lengths"],
         )
-        for key, value in dpo_metrics(chosen_rewards, rejected_rewards, chosen, rejected).items():
-            self._metrics[split][key].append(value)
+        self.record(split, dpo_metrics(chosen_rewards, rejected_rewards, chosen, rejected))
         loss = losses.mean()
         return (loss, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean of the DPO metrics since the last log (``eval_`` prefixed during evaluation)."""
-        split = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if split == "eval" else ""
-        for key, values in self._metrics[split].items():
-            if values:
-                logs[f"{prefix}{key}"] = sum(values) / len(values)
-        self._metrics[split].clear()
-        super().log(logs, start_time)

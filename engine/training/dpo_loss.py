@@ -3,7 +3,7 @@
 Notation, for a batch of ``b`` preference pairs (prompt ``x``, chosen ``y_w``, rejected ``y_l``):
 
 * ``log π(y|x)`` is the **sum** of the log-probabilities of the completion tokens (policy ``π_θ``,
-  reference ``π_ref``); see :func:`engine.training.dpo_data.sequence_log_probs`.
+  reference ``π_ref``); see :func:`engine.training.preference_data.sequence_log_probs`.
 * log-ratios ``r_w = log π_θ(y_w|x) - log π_ref(y_w|x)`` and ``r_l = log π_θ(y_l|x) - log π_ref(y_l|x)``;
   ``Δ = r_w - r_l``.
 * implicit rewards (every loss type, what TRL logs): ``β r_w`` (chosen) and ``β r_l`` (rejected).
@@ -73,7 +73,7 @@ def dpo_loss(
         loss_type (str): one of :data:`DPO_LOSS_TYPES`.
         label_smoothing (float): ``ε`` in ``[0, 0.5)``; only for ``sigmoid`` (cDPO) and ``robust``.
         chosen_lengths, rejected_lengths: ``[b]`` number of completion tokens per sequence; required by
-            ``ipo`` (the ``extra`` dict of :func:`~engine.training.dpo_data.sequence_log_probs` has them).
+            ``ipo`` (the ``extra`` dict of :func:`~engine.training.preference_data.sequence_log_probs` has them).
 
     Returns:
         ``(losses [b], chosen_rewards [b], rejected_rewards [b])``: float32; the rewards ``β r`` are detached.

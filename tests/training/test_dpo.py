@@ -18,7 +18,7 @@ from data.load import load_jsonl
 from engine import FastModel
 from engine.errors import ConfigurationError, DatasetError
 from engine.peft import lora_modules
-from engine.training.dpo_data import (
+from engine.training.preference_data import (
     PREFERENCE_COLUMNS,
     PreferenceCollator,
     reference_sequence_log_probs,

@@ -23,7 +23,7 @@ def test_sft_raises_held_out_exact_match():
 
 def _preference_accuracy(trainer, dataset) -> float:
     """Fraction of pairs where the policy gives the chosen answer a higher log-prob than the rejected one."""
-    from engine.training.dpo_data import sequence_log_probs
+    from engine.training.preference_data import sequence_log_probs
 
     model = trainer.model
     model.eval()
@@ -42,7 +42,7 @@ DPO_TASKS = ("string_edit", "passive_voice")
 
 
 def _preference_rows(split: str) -> list[dict]:
-    from engine.training.dpo_data import to_conversational_preference
+    from engine.training.preference_data import to_conversational_preference
 
     rows = [r for r in load_jsonl(split, "dpo") if r["task"] in DPO_TASKS]
     return [to_conversational_preference({k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows]
