@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from engine.errors import ConfigurationError, DatasetError
+from engine.training.rows import as_dataset
 from engine.peft import disable_adapter, lora_modules
 from engine.training.base import EngineTrainer, resolve_config
 from engine.training.config import GRPOConfig
@@ -128,7 +129,7 @@ class GRPOTrainer(EngineTrainer):
         if isinstance(dataset, list):
             if not dataset:
                 raise DatasetError(f"{name} is empty")
-            dataset = datasets.Dataset.from_list(dataset)
+            dataset = as_dataset(dataset)
         if "prompt" not in dataset.column_names:
             raise DatasetError(f"{name} needs a 'prompt' column (strings or lists of messages); it has {dataset.column_names}")
         if len(dataset) == 0:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from engine.errors import ConfigurationError, DatasetError
+from engine.training.rows import as_dataset
 from engine.training.preference_data import _extract_prompt, _is_messages, collate_sequences, prompt_completion_ids
 
 __all__ = ["UNPAIRED_COLUMNS", "UnpairedPreferenceCollator", "add_kl_completions", "tokenize_unpaired_dataset"]
@@ -56,13 +57,7 @@ def _as_dataset(dataset):
         )
     if len(dataset) == 0:
         raise DatasetError("the KTO dataset is empty; it needs (prompt, completion, label) rows")
-    try:
-        return datasets.Dataset.from_list(list(dataset))
-    except (TypeError, ValueError, NotImplementedError) as exc:  # pyarrow errors derive from these
-        raise DatasetError(
-            f"could not build a dataset from the rows ({exc}). Every row must have the same keys, a bool 'label' and "
-            "one format: all strings, or all lists of {'role', 'content'} messages."
-        ) from exc
+    return as_dataset(list(dataset))  # names the first row that breaks the table (engine.training.rows)
 
 
 def _unpair(dataset):

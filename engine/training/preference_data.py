@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from engine.errors import ConfigurationError, DatasetError
+from engine.training.rows import as_dataset
 
 __all__ = [
     "PREFERENCE_COLUMNS",
@@ -252,13 +253,7 @@ def tokenize_preference_dataset(
             )
         if len(dataset) == 0:
             raise DatasetError("the preference dataset is empty; it needs at least one (prompt, chosen, rejected) row")
-        try:
-            dataset = datasets.Dataset.from_list(list(dataset))
-        except (TypeError, ValueError, NotImplementedError) as exc:  # pyarrow errors derive from these
-            raise DatasetError(
-                f"could not build a dataset from the rows ({exc}). Every row must have the same keys and the same "
-                "format: all strings, or all lists of {'role', 'content'} messages."
-            ) from exc
+        dataset = as_dataset(list(dataset))  # names the first row that breaks the table (engine.training.rows)
     if len(dataset) == 0:
         raise DatasetError("the preference dataset is empty; it needs at least one (prompt, chosen, rejected) row")
 

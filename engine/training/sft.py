@@ -18,6 +18,7 @@ import datasets
 import torch
 
 from engine.errors import ConfigurationError
+from engine.training.rows import as_dataset
 from engine.training.base import EngineTrainer, pad_token_id, resolve_config
 from engine.training.collators import PaddedCollator, PaddingFreeCollator
 from engine.training.config import SFTConfig
@@ -92,7 +93,7 @@ class SFTTrainer(EngineTrainer):
     @staticmethod
     def _prepare(dataset, tokenizer, args: SFTConfig, *, packing: bool, split: str) -> datasets.Dataset:
         if isinstance(dataset, list):
-            dataset = datasets.Dataset.from_list(dataset)
+            dataset = as_dataset(dataset)
         if "input_ids" in dataset.column_names:
             if "labels" not in dataset.column_names:
                 dataset = dataset.map(lambda row: {"labels": list(row["input_ids"])}, desc=f"labels ({split})")
