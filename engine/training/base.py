@@ -26,6 +26,7 @@ from engine.models.transformer import CausalLM
 from engine.modules.checkpointing import CheckpointChoice, current_policy
 from engine.peft import lora_modules
 from engine.runtime import flush_denormals
+from engine.training.nonfinite import NonFiniteGuard
 from engine.training.reporting import ReportSummary, TrainingReport
 
 
@@ -123,11 +124,12 @@ class EngineTrainer(transformers.Trainer):
         if model.device.type != "cuda":
             args.dataloader_pin_memory = False  # pinning only helps host-to-GPU copies
         self.report = TrainingReport(model.device)
+        guard = NonFiniteGuard(getattr(args, "nonfinite", "error"), on_skip=self.report.add_skipped_step)
         super().__init__(
             model=model,
             args=args,
             processing_class=processing_class,
-            callbacks=[*(callbacks or []), self.report],
+            callbacks=[*(callbacks or []), self.report, guard],
             **kwargs,
         )
 

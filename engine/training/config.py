@@ -36,6 +36,16 @@ class EngineTrainingArguments(TrainingArguments):
         metadata={"help": "On CPU, flush denormal floats to zero while training (engine.runtime; opt-in, no gain measured "
                           "on our CPUs)."},
     )
+    nonfinite: str = field(
+        default="error",
+        metadata={"help": "A step with NaN/inf gradients: 'error' (stop, naming the step) or 'skip' (counted in the "
+                          "report). Engine-only."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.nonfinite not in ("error", "skip"):
+            raise ConfigurationError(f"nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
 
 
 @dataclass

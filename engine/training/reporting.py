@@ -112,6 +112,8 @@ class ReportSummary:
     memory: dict
     step_records: list = field(default_factory=list)
     checkpointing: dict = field(default_factory=dict)
+    #: Optimizer steps skipped for non-finite gradients (``nonfinite="skip"``; :mod:`engine.training.nonfinite`).
+    skipped_steps: list = field(default_factory=list)
     #: Trainers that generate (GRPO): ``seconds``, ``completion_tokens``, ``tokens_per_second`` of the rollouts and
     #: ``training_seconds`` (total minus generation). Empty for SFT/DPO.
     generation: dict = field(default_factory=dict)
@@ -133,6 +135,8 @@ class ReportSummary:
             rows.append(("final loss", f"{self.final_loss:.4f}"))
         if self.checkpointing:
             rows.append(("checkpointing", checkpointing_text(self.checkpointing)))
+        if self.skipped_steps:
+            rows.append(("skipped steps", f"{len(self.skipped_steps)} (non-finite gradients): {self.skipped_steps}"))
         if self.generation:
             gen = self.generation
             rows.append(("generation", f"{gen['seconds']:.1f} s, {gen['completion_tokens']:,} tokens "
@@ -182,8 +186,12 @@ class TrainingReport(TrainerCallback):
         self._losses: dict[int, float] = {}
         #: Set by the trainer when training starts: :meth:`CheckpointChoice.as_dict` of the policy in use.
         self.checkpointing: dict = {}
+        self.skipped_steps: list[int] = []
         #: Set by generating trainers (GRPO): ``{"seconds": ..., "completion_tokens": ...}`` so far.
         self.generation: dict = {}
+
+    def add_skipped_step(self, step: int) -> None:
+        self.skipped_steps.append(int(step))
 
     def add_tokens(self, n: int) -> None:
         self._pending_tokens += int(n)
@@ -193,7 +201,7 @@ class TrainingReport(TrainerCallback):
 
     # -- TrainerCallback hooks
     def on_train_begin(self, args, state, control, **kwargs):
-        self.records, self._losses, self._pending_tokens = [], {}, 0
+        self.records, self._losses, self._pending_tokens, self.skipped_steps = [], {}, 0, []
         self.meter.start()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -247,6 +255,7 @@ class TrainingReport(TrainerCallback):
             memory=memory,
             step_records=[asdict(r) for r in self.records],
             checkpointing=dict(self.checkpointing),
+            skipped_steps=list(self.skipped_steps),
             generation=self._generation_summary(total),
         )
         if state.is_world_process_zero:
