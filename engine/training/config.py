@@ -52,7 +52,8 @@ class EngineTrainingArguments(TrainingArguments):
 class SFTConfig(EngineTrainingArguments):
     """Arguments of :class:`engine.SFTTrainer` (``TrainingArguments`` plus the fields below).
 
-    Differences from TRL's ``SFTConfig``: ``packing`` defaults to ``True`` (padding-free
+    Differences from TRL's ``SFTConfig``: ``max_length`` defaults to the model's ``max_seq_length`` (TRL: 1024;
+    the trainer fills it in and the report says so); ``packing`` defaults to ``True`` (padding-free
     best-fit-decreasing packing; attention never crosses documents, so the loss is exact),
     and ``long_examples`` chooses how over-long examples are handled. Gradient checkpointing
     is chosen when adding LoRA (``FastModel.get_peft_model(use_gradient_checkpointing=...)``); its
@@ -65,7 +66,9 @@ class SFTConfig(EngineTrainingArguments):
     dataset_text_field: str = field(default="text", metadata={"help": "Column with raw text (text datasets)."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize."})
     max_length: int | None = field(
-        default=1024, metadata={"help": "Longest tokenized example; with packing, the length of a packed row."}
+        default=None,
+        metadata={"help": "Longest tokenized example; with packing, the length of a packed row. None (default): the "
+                          "model's max_seq_length, filled in by SFTTrainer (TRL: 1024)."},
     )
     long_examples: str = field(
         default="truncate",
@@ -98,8 +101,6 @@ class SFTConfig(EngineTrainingArguments):
             raise ConfigurationError(f"long_examples must be one of {LONG_EXAMPLE_POLICIES}, got {self.long_examples!r}")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ConfigurationError(f"packing_strategy must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}")
-        if self.packing and self.max_length is None:
-            raise ConfigurationError("packing needs max_length (the length of a packed row); set max_length or packing=False")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigurationError(f"max_length must be at least 2, got {self.max_length}")
         if self.padding_free is None:

@@ -114,6 +114,8 @@ class ReportSummary:
     checkpointing: dict = field(default_factory=dict)
     #: Optimizer steps skipped for non-finite gradients (``nonfinite="skip"``; :mod:`engine.training.nonfinite`).
     skipped_steps: list = field(default_factory=list)
+    #: Settings the trainer chose for the user (e.g. ``max_length`` from the model's ``max_seq_length``).
+    notes: list = field(default_factory=list)
     #: Trainers that generate (GRPO): ``seconds``, ``completion_tokens``, ``tokens_per_second`` of the rollouts and
     #: ``training_seconds`` (total minus generation). Empty for SFT/DPO.
     generation: dict = field(default_factory=dict)
@@ -135,6 +137,7 @@ class ReportSummary:
             rows.append(("final loss", f"{self.final_loss:.4f}"))
         if self.checkpointing:
             rows.append(("checkpointing", checkpointing_text(self.checkpointing)))
+        rows += [("note", note) for note in self.notes]
         if self.skipped_steps:
             rows.append(("skipped steps", f"{len(self.skipped_steps)} (non-finite gradients): {self.skipped_steps}"))
         if self.generation:
@@ -187,6 +190,8 @@ class TrainingReport(TrainerCallback):
         #: Set by the trainer when training starts: :meth:`CheckpointChoice.as_dict` of the policy in use.
         self.checkpointing: dict = {}
         self.skipped_steps: list[int] = []
+        #: Settings the trainer chose for the user, one sentence each (shown in the table and the JSON).
+        self.notes: list[str] = []
         #: Set by generating trainers (GRPO): ``{"seconds": ..., "completion_tokens": ...}`` so far.
         self.generation: dict = {}
 
@@ -256,6 +261,7 @@ class TrainingReport(TrainerCallback):
             step_records=[asdict(r) for r in self.records],
             checkpointing=dict(self.checkpointing),
             skipped_steps=list(self.skipped_steps),
+            notes=list(self.notes),
             generation=self._generation_summary(total),
         )
         if state.is_world_process_zero:

@@ -64,8 +64,13 @@ class SFTTrainer(EngineTrainer):
         tok = processing_class if processing_class is not None else tokenizer
         if train_dataset is None:
             raise ConfigurationError("SFTTrainer needs a train_dataset")
-        max_length = args.max_length
         seq_limit = getattr(model, "max_seq_length", None)
+        note = None
+        if args.max_length is None and seq_limit is not None:
+            args.max_length = seq_limit
+            note = f"max_length={seq_limit}: the model's max_seq_length (SFTConfig.max_length was not set)"
+            print(f"engine: {note}")
+        max_length = args.max_length
         if max_length is not None and seq_limit is not None and max_length > seq_limit:
             raise ConfigurationError(
                 f"SFTConfig.max_length={max_length} is longer than the model's max_seq_length={seq_limit}. "
@@ -89,6 +94,8 @@ class SFTTrainer(EngineTrainer):
             data_collator=data_collator,
             **kwargs,
         )
+        if note:
+            self.report.notes.append(note)
 
     @staticmethod
     def _prepare(dataset, tokenizer, args: SFTConfig, *, packing: bool, split: str) -> datasets.Dataset:

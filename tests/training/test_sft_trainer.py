@@ -156,8 +156,8 @@ def test_no_trainable_parameters(tiny_chat_folder, tmp_path):
 def test_bad_config_values(tmp_path):
     with pytest.raises(ConfigurationError):
         SFTConfig(output_dir=str(tmp_path), long_examples="drop")
-    with pytest.raises(ConfigurationError):
-        SFTConfig(output_dir=str(tmp_path), packing=True, max_length=None)
+    with pytest.raises(ConfigurationError, match="max_length must be at least 2"):
+        SFTConfig(output_dir=str(tmp_path), max_length=1)
 
 
 def test_cpu_training_flushes_denormals_on_request_and_restores_the_setting(tiny_chat_folder, tmp_path):
@@ -183,3 +183,15 @@ def test_cpu_training_flushes_denormals_on_request_and_restores_the_setting(tiny
         SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args, callbacks=[Probe()]).train()
         assert seen[-2:] == [flush, flush]
         assert not denormals_flushed()  # restored after training
+
+
+def test_max_length_defaults_to_the_models_max_seq_length(tiny_chat_folder, tmp_path):
+    model, tok = FastModel.from_pretrained(str(tiny_chat_folder), dtype="float32", max_seq_length=96, verbose=False)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, random_state=0)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, save_strategy="no",
+                     use_cpu=True, report_to=[])
+    assert args.max_length is None  # TRL's default would be 1024, longer than this model's 96
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
+    assert trainer.args.max_length == 96
+    trainer.train()
+    assert trainer.training_summary.notes == ["max_length=96: the model's max_seq_length (SFTConfig.max_length was not set)"]
