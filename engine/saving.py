@@ -147,7 +147,7 @@ def save_pretrained_merged(
             total += size
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = model.hf_config.to_dict()
+    config = model.config.to_dict()  # a classifier's config names its head (num_labels, architectures)
     config["torch_dtype"] = _DTYPE_NAMES[dtype]
     config["dtype"] = _DTYPE_NAMES[dtype]
     config.pop("quantization_config", None)
