@@ -30,6 +30,8 @@ _LAZY = {
     "DPOTrainer": "engine.training.dpo",
     "SFTConfig": "engine.training.config",
     "DPOConfig": "engine.training.config",
+    "ClassificationTrainer": "engine.training.classification",
+    "ClassificationConfig": "engine.training.config",
     "train_on_responses_only": "engine.training.sft_data",
     "estimate_memory": "engine.memory",
     "max_context": "engine.memory",
@@ -45,6 +47,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "ClassificationConfig",
+    "ClassificationTrainer",
     "DPOConfig",
     "DPOTrainer",
     "SFTConfig",
