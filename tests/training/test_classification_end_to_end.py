@@ -1,0 +1,48 @@
+"""The real SmolLM2-135M-Instruct learns to classify the shipped prompts by task (LoRA on the decoder + score head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from data.classification import CLS_LABELS
+from data.load import load_jsonl
+from engine import ClassificationConfig, ClassificationTrainer, FastModel
+
+
+def _balanced(rows: list[dict], per_class: int) -> list[dict]:
+    """The first ``per_class`` rows of every class, in file order."""
+    taken = {label: 0 for label in range(len(CLS_LABELS))}
+    out = []
+    for row in rows:
+        if taken[row["label"]] < per_class:
+            taken[row["label"]] += 1
+            out.append(row)
+    return out
+
+
+@pytest.mark.slow
+def test_classifier_accuracy_rises_from_chance(smollm2_path, tmp_path):
+    model, tokenizer = FastModel.from_pretrained(
+        smollm2_path, max_seq_length=64, dtype=torch.float32, verbose=False,
+        num_labels=len(CLS_LABELS), id2label=dict(enumerate(CLS_LABELS)),
+    )
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False, random_state=0)
+    steps, batch = 8, 8
+    train = load_jsonl("train", "cls")[: steps * batch]
+    held_out = _balanced(load_jsonl("eval", "cls"), per_class=5)  # 35 rows; chance is 1/7
+    args = ClassificationConfig(
+        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, per_device_eval_batch_size=35,
+        learning_rate=2e-3, lr_scheduler_type="constant", max_length=12, logging_steps=4, save_strategy="no", seed=0,
+    )
+    trainer = ClassificationTrainer(model=model, tokenizer=tokenizer, args=args, train_dataset=train,
+                                    eval_dataset=held_out)
+    before = trainer.evaluate()["eval_accuracy"]
+    trainer.train()
+    after = trainer.evaluate()["eval_accuracy"]
+    print(f"held-out accuracy {before:.3f} -> {after:.3f}, train time {trainer.training_summary.total_seconds:.1f} s")
+    # Measured on this 2-core CPU machine (shared, heavily loaded; fp32): before 0.143, after 1.0 (35 held-out
+    # rows) with 8 steps of 8 rows, training in ~100 s under load (the steps take ~2-13 s each there).
+    assert before <= 0.35
+    assert after >= 0.8, (before, after)
+    assert trainer.training_summary.steps == steps
