@@ -204,3 +204,28 @@ def test_merged_classifier_loads_in_auto_model_for_sequence_classification(hf_fo
     with torch.no_grad():
         assert_close_rel(model(ids, attention_mask=mask).logits, hf(input_ids=ids, attention_mask=mask).logits,
                          what="merged logits")
+
+
+def test_num_items_in_batch_is_ignored_as_in_transformers(hf_folders):
+    """transformers' classification loss is the batch mean whatever ``num_items_in_batch`` says; so is ours (and, not
+    accepting loss kwargs, ours is divided by the accumulation steps in transformers.Trainer)."""
+    ours = load_ours(hf_folders["llama"]).eval()
+    hf = hf_classifier("llama")
+    with torch.no_grad():
+        hf.score.weight.copy_(ours.score.weight)
+        ids, mask = padded_batch("right")
+        labels = torch.tensor([2, -100, 1])
+        out = ours(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(5))
+        ref = hf(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(5))
+    assert_close_rel(out.loss, ref.loss, what="loss with num_items_in_batch")
+    assert not CausalLMForSequenceClassification.accepts_loss_kwargs
+
+
+def test_auto_gradient_checkpointing_plans_a_classifier(hf_folders):
+    model = load_ours(hf_folders["llama"])
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, memory_budget_gb=4.0)
+    choice = FastModel.resolve_gradient_checkpointing(model, 2, 16, verbose=False)
+    assert choice.policy.mode == "none", choice.reason  # a tiny model fits 4 GiB without recomputation
+    ids, mask = padded_batch("right")
+    model(ids, attention_mask=mask, labels=torch.tensor([0, 1, 2])).loss.backward()
+    assert model.score.weight.grad is not None

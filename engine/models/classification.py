@@ -11,7 +11,8 @@
 * the loss transformers computes (``ForSequenceClassificationLoss``): the problem type is
   ``"regression"`` for ``num_labels == 1`` (MSE), ``"single_label_classification"`` for integer labels
   (cross-entropy, -100 ignored) and ``"multi_label_classification"`` otherwise (BCE with logits);
-  chosen at the first loss unless given, then kept (as transformers keeps it in the config).
+  chosen at the first loss unless given, then kept (as transformers keeps it in the config). The loss
+  is the mean over the batch's rows; ``num_items_in_batch`` is ignored, as transformers ignores it.
 
 Parameter names equal transformers' (``model.layers.*``, ``score.weight``), so a merged folder loads in
 ``AutoModelForSequenceClassification`` and a LoRA adapter (head in PEFT's ``modules_to_save``) in PEFT.
@@ -110,14 +111,13 @@ def check_labels(labels: torch.Tensor, num_labels: int, problem_type: str) -> No
         )
 
 
-def classification_loss(logits, labels, problem_type: str, num_labels: int, num_items_in_batch=None):
-    """The loss transformers' ``ForSequenceClassificationLoss`` computes.
+def classification_loss(logits, labels, problem_type: str, num_labels: int):
+    """The loss transformers' ``ForSequenceClassificationLoss`` computes (a mean over the rows).
 
     Args:
         logits (Tensor): ``[b, num_labels]``.
         labels (Tensor): ``[b]`` class indices, ``[b, num_labels]`` targets, or ``[b]`` / ``[b, 1]`` values.
         problem_type (str): one of :data:`PROBLEM_TYPES`.
-        num_items_in_batch: single-label only: divide the summed cross-entropy by it (gradient accumulation).
     """
     labels = labels.to(logits.device)
     if problem_type == "regression":
@@ -126,13 +126,7 @@ def classification_loss(logits, labels, problem_type: str, num_labels: int, num_
             return nn.functional.mse_loss(logits.squeeze(), labels.squeeze())
         return nn.functional.mse_loss(logits, labels)
     if problem_type == "single_label_classification":
-        flat, target = logits.view(-1, num_labels), labels.view(-1)
-        if num_items_in_batch is None:
-            return nn.functional.cross_entropy(flat, target, ignore_index=IGNORE_INDEX)
-        total = nn.functional.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+        return nn.functional.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
     return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
@@ -177,8 +171,9 @@ class CausalLMForSequenceClassification(CausalLM):
             (PEFT's ``modules_to_save``; see :attr:`trainable_heads`).
     """
 
-    #: For transformers.Trainer: forward takes ``num_items_in_batch`` (single-label loss over accumulated rows).
-    accepts_loss_kwargs = True
+    #: For transformers.Trainer: the loss is a per-batch mean (``num_items_in_batch`` is ignored, as transformers'
+    #: classification loss ignores it), so the Trainer divides it by the gradient accumulation steps.
+    accepts_loss_kwargs = False
     loss_type = "ForSequenceClassification"
     #: Modules ``FastModel.get_peft_model`` keeps fully trainable and saves whole (PEFT's ``modules_to_save``).
     trainable_heads = ("score",)
@@ -281,7 +276,7 @@ class CausalLMForSequenceClassification(CausalLM):
             position_ids (Tensor, optional): ``[b, s]``.
             labels (Tensor, optional): ``[b]`` int class indices in ``[0, num_labels)`` (-100: row ignored),
                 ``[b, num_labels]`` float targets (multi-label), or float values (regression).
-            num_items_in_batch: single-label loss: divide the summed loss by it instead of averaging.
+            num_items_in_batch: accepted and ignored (transformers' classification loss ignores it too).
 
         Returns:
             ``transformers.modeling_outputs.SequenceClassifierOutput``: ``logits [b, num_labels]`` and ``loss``
@@ -305,7 +300,7 @@ class CausalLMForSequenceClassification(CausalLM):
             problem_type = self.problem_type or problem_type_for(self.num_labels, labels)
             check_labels(labels, self.num_labels, problem_type)
             self.problem_type = problem_type  # kept, as transformers keeps it in the config
-            loss = classification_loss(logits, labels, problem_type, self.num_labels, num_items_in_batch)
+            loss = classification_loss(logits, labels, problem_type, self.num_labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
     # ------------------------------------------------------------------ what a classifier cannot do
