@@ -211,7 +211,9 @@ class FastModel:
             from engine.models.classification import CausalLMForSequenceClassification
 
             if pad_token_id is None:
-                pad_token_id = tokenizer.pad_token_id if tokenizer is not None else getattr(hf_config, "pad_token_id", None)
+                pad_token_id = (
+                    tokenizer.pad_token_id if tokenizer is not None else getattr(hf_config, "pad_token_id", None)
+                )
             model = CausalLMForSequenceClassification.from_causal_lm(
                 model, num_labels, pad_token_id=pad_token_id, problem_type=problem_type, id2label=id2label
             )

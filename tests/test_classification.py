@@ -196,7 +196,8 @@ def test_adapter_with_head_loads_in_peft_and_back_into_engine(hf_folders, tmp_pa
 def test_merged_classifier_loads_in_auto_model_for_sequence_classification(hf_folders, tmp_path):
     model = _trained_classifier(hf_folders["llama"])
     model.save_pretrained_merged(tmp_path / "merged", save_method="merged_32bit")
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    hf.eval()
     assert type(hf).__name__ == "LlamaForSequenceClassification"
     assert hf.config.num_labels == NUM_LABELS and hf.config.pad_token_id == PAD
     assert hf.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}

@@ -141,7 +141,10 @@ def classification_config(hf_config, num_labels: int, pad_token_id, problem_type
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     config = copy.deepcopy(hf_config)
-    labels = {i: f"LABEL_{i}" for i in range(num_labels)} if id2label is None else {int(k): v for k, v in id2label.items()}
+    if id2label is None:
+        labels = {i: f"LABEL_{i}" for i in range(num_labels)}
+    else:
+        labels = {int(k): v for k, v in id2label.items()}
     config.id2label = labels
     config.label2id = {v: k for k, v in labels.items()}
     config.num_labels = num_labels
@@ -254,7 +257,9 @@ class CausalLMForSequenceClassification(CausalLM):
     def config(self):
         """The transformers config of the classifier (``num_labels``, ``id2label``, ``pad_token_id``,
         ``problem_type``, ``architectures=[...ForSequenceClassification]``), built from the loaded config."""
-        return classification_config(self.hf_config, self.num_labels, self.pad_token_id, self.problem_type, self.id2label)
+        return classification_config(
+            self.hf_config, self.num_labels, self.pad_token_id, self.problem_type, self.id2label
+        )
 
     def forward(
         self,
@@ -287,7 +292,8 @@ class CausalLMForSequenceClassification(CausalLM):
             DatasetError: labels that do not fit ``num_labels`` / the problem type.
         """
         if unused:
-            unknown = sorted(k for k in unused if k not in ("use_cache", "return_dict", "output_attentions", "output_hidden_states"))
+            ignored = ("use_cache", "return_dict", "output_attentions", "output_hidden_states")
+            unknown = sorted(k for k in unused if k not in ignored)
             if unknown:
                 raise ConfigurationError(f"forward() got unexpected arguments {unknown}")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]

@@ -3,7 +3,7 @@
 Pipeline::
 
     dataset ──tokenize_classification_dataset──▶ input_ids, labels   (text column + label column)
-            ──ClassificationCollator───────────▶ [b, s] padded with the model's pad token, attention_mask, labels [b]
+            ──ClassificationCollator───────────▶ input_ids, attention_mask [b, s] (the model's pad token), labels
             ──CausalLMForSequenceClassification─▶ logits [b, num_labels], loss (transformers' rule)
 
 The model comes from ``FastModel.from_pretrained(..., num_labels=N)`` (usually with
@@ -25,7 +25,9 @@ from engine.models.classification import IGNORE_INDEX, CausalLMForSequenceClassi
 from engine.training.base import EngineTrainer, resolve_config
 from engine.training.config import ClassificationConfig
 
-__all__ = ["ClassificationCollator", "ClassificationTrainer", "classification_accuracy", "tokenize_classification_dataset"]
+__all__ = [
+    "ClassificationCollator", "ClassificationTrainer", "classification_accuracy", "tokenize_classification_dataset",
+]
 
 
 def _label_index(value, num_labels: int, label2id: dict | None, row: int):
@@ -207,7 +209,9 @@ class ClassificationTrainer(EngineTrainer):
                 _label_index(value, model.num_labels, None, i)
             return dataset
         if tokenizer is None:
-            raise ConfigurationError("ClassificationTrainer needs a tokenizer (tokenizer=...) to tokenize a raw dataset")
+            raise ConfigurationError(
+                "ClassificationTrainer needs a tokenizer (tokenizer=...) to tokenize a raw dataset"
+            )
         label2id = {name: i for i, name in model.id2label.items()} if model.id2label else None
         return tokenize_classification_dataset(
             dataset, tokenizer, num_labels=model.num_labels, text_field=args.dataset_text_field,
