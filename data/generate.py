@@ -1,13 +1,15 @@
-"""Deterministic generator for the shipped SFT and DPO datasets.
+"""Deterministic generator for the shipped SFT, DPO and classification datasets.
 
 Usage (from the repository root)::
 
     python data/generate.py [--seed 0] [--out data] \
-        [--sizes sft_train=2000,sft_eval=200,dpo_train=1000,dpo_eval=100]
+        [--sizes sft_train=2000,sft_eval=200,dpo_train=1000,dpo_eval=100,cls_train=1050,cls_eval=140]
 
-Writes ``<out>/sft/{train,eval}.jsonl`` and ``<out>/dpo/{train,eval}.jsonl``.
-The same seed and sizes give byte-identical files.  Prompts are unique across
-all four files, so both eval splits are held out from both train splits.
+Writes ``<out>/sft/{train,eval}.jsonl``, ``<out>/dpo/{train,eval}.jsonl`` and
+``<out>/cls/{train,eval}.jsonl``. The same seed and sizes give byte-identical
+files.  Prompts are unique across the four SFT/DPO files, so both eval splits
+are held out from both train splits; the classification files (prompt -> task,
+see ``data/classification.py``) are unique between themselves.
 Each split draws from its own RNG (seeded by seed and split name) and eval
 splits are drawn first, so changing a train size leaves the eval files as
 they are.
@@ -26,6 +28,7 @@ from typing import Dict, Iterable, List, Optional
 if __package__ in (None, ""):  # run as a script: make `import data.tasks` work
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.classification import generate_cls_split  # noqa: E402
 from data.tasks import (  # noqa: E402
     TASK_NAMES,
     TASK_WEIGHTS,
@@ -40,9 +43,12 @@ DEFAULT_SIZES: Dict[str, int] = {
     "sft_eval": 200,
     "dpo_train": 1000,
     "dpo_eval": 100,
+    "cls_train": 1050,
+    "cls_eval": 140,
 }
-# Generation order: eval splits first so they do not depend on train sizes.
-SPLIT_ORDER = ("sft_eval", "dpo_eval", "sft_train", "dpo_train")
+# Generation order: eval splits first so they do not depend on train sizes. The classification
+# splits keep their own set of used prompts, so they neither change nor depend on the others.
+SPLIT_ORDER = ("sft_eval", "dpo_eval", "sft_train", "dpo_train", "cls_eval", "cls_train")
 MAX_TRIES = 10_000
 
 
@@ -75,6 +81,8 @@ def _rng(seed: int, split: str) -> random.Random:
 
 def generate_split(split: str, n: int, seed: int, seen: set) -> List[dict]:
     rng = _rng(seed, split)
+    if split.startswith("cls"):
+        return generate_cls_split(n, rng, seen)
     counts = task_counts(n)
     order = [t for t in TASK_NAMES for _ in range(counts[t])]
     rng.shuffle(order)
@@ -112,7 +120,9 @@ def generate_all(seed: int = DEFAULT_SEED, sizes: Optional[Dict[str, int]] = Non
     if unknown:
         raise ValueError(f"unknown split(s): {sorted(unknown)}")
     seen: set = set()
-    return {split: generate_split(split, sizes[split], seed, seen) for split in SPLIT_ORDER}
+    cls_seen: set = set()
+    return {split: generate_split(split, sizes[split], seed, cls_seen if split.startswith("cls") else seen)
+            for split in SPLIT_ORDER}
 
 
 def dumps_jsonl(rows: Iterable[dict]) -> bytes:
@@ -146,6 +156,13 @@ def summarize(out: Path) -> str:
     for split in sorted(DEFAULT_SIZES):
         path = split_path(Path(out), split)
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        if split.startswith("cls"):
+            lengths = sorted(len(r["text"]) for r in rows)
+            mix = Counter(r["label_name"] for r in rows)
+            lines.append(f"{path}: {len(rows)} rows, {path.stat().st_size} bytes, chars(text) min={lengths[0]} "
+                         f"median={lengths[len(lengths) // 2]} max={lengths[-1]}; "
+                         + ", ".join(f"{t}={mix[t]}" for t in TASK_NAMES))
+            continue
         key = "completion" if split.startswith("sft") else "chosen"
         lengths = sorted(len(r["prompt"]) + len(r[key]) for r in rows)
         mix = Counter(r["task"] for r in rows)
@@ -164,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="output folder (default: the data/ folder of this script)")
     ap.add_argument("--sizes", type=_parse_sizes, default={},
                     help="comma-separated overrides, e.g. sft_train=2000,sft_eval=200,"
-                         "dpo_train=1000,dpo_eval=100")
+                         "dpo_train=1000,dpo_eval=100,cls_train=1050,cls_eval=140")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     write_all(args.out, args.seed, args.sizes)

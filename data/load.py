@@ -8,7 +8,7 @@ from typing import List
 
 DATA_DIR = Path(__file__).resolve().parent
 SPLITS = ("train", "eval")
-KINDS = ("sft", "dpo")
+KINDS = ("sft", "dpo", "cls")
 
 
 def jsonl_path(split: str, kind: str = "sft") -> Path:
@@ -20,7 +20,7 @@ def jsonl_path(split: str, kind: str = "sft") -> Path:
 
 
 def load_jsonl(split: str, kind: str = "sft") -> List[dict]:
-    """Rows of ``data/<kind>/<split>.jsonl``, e.g. ``load_jsonl("eval", "sft")``."""
+    """Rows of ``data/<kind>/<split>.jsonl``, e.g. ``load_jsonl("eval", "sft")`` or ``load_jsonl("train", "cls")``."""
     path = jsonl_path(split, kind)
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -32,6 +32,8 @@ _LAZY = {
     "DPOConfig": "engine.training.config",
     "GRPOTrainer": "engine.training.grpo",
     "GRPOConfig": "engine.training.config",
+    "ClassificationTrainer": "engine.training.classification",
+    "ClassificationConfig": "engine.training.config",
     "train_on_responses_only": "engine.training.sft_data",
     "estimate_memory": "engine.memory",
     "max_context": "engine.memory",
@@ -51,6 +53,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "CheckpointError",
+    "ClassificationConfig",
+    "ClassificationTrainer",
     "DPOConfig",
     "DPOTrainer",
     "SFTConfig",

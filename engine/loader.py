@@ -117,6 +117,10 @@ class FastModel:
         token: str | None = None,
         revision: str | None = None,
         verbose: bool = True,
+        num_labels: int | None = None,
+        id2label: dict | None = None,
+        problem_type: str | None = None,
+        pad_token_id: int | None = None,
         **unused,
     ):
         """Load a model and its tokenizer.
@@ -133,9 +137,18 @@ class FastModel:
             device: where the model goes (default CUDA if available, else CPU).
             token, revision: for hub downloads.
             verbose (bool): print a one-line summary (architecture, dtype, memory footprint).
+            num_labels (int, optional): load a sequence classifier instead of a language model: the decoder with
+                a linear ``score`` head ``[num_labels, hidden]`` (no bias, random), pooled at each row's rightmost
+                non-pad token, as transformers' ``*ForSequenceClassification``
+                (:class:`~engine.models.classification.CausalLMForSequenceClassification`; 1 = regression).
+            id2label (dict, optional): ``{class index: name}`` for the classifier's saved config.
+            problem_type (str, optional): ``"single_label_classification"``, ``"multi_label_classification"`` or
+                ``"regression"``; default: chosen from ``num_labels`` and the labels' dtype at the first loss.
+            pad_token_id (int, optional): the classifier's pad token (default: the tokenizer's, else the config's).
 
         Returns:
-            ``(model, tokenizer)``: a :class:`~engine.models.transformer.CausalLM` and a transformers tokenizer.
+            ``(model, tokenizer)``: a :class:`~engine.models.transformer.CausalLM` (with ``num_labels``, a
+            :class:`~engine.models.classification.CausalLMForSequenceClassification`) and a transformers tokenizer.
 
         Raises:
             UnsupportedArchitectureError, CheckpointError, ConfigurationError: with what to do.
@@ -151,8 +164,15 @@ class FastModel:
         torch_dtype = resolve_dtype(dtype, device)
         source = _resolve_source(str(model_name), token, revision)
 
+        if num_labels is not None:
+            from engine.models.classification import check_num_labels
+
+            check_num_labels(num_labels)  # before any weight is read
         if source.is_dir() and (source / "adapter_config.json").is_file():
-            return FastModel._from_adapter(source, max_seq_length, torch_dtype, load_in_4bit, double_quant, device, token, verbose)
+            head = dict(num_labels=num_labels, id2label=id2label, problem_type=problem_type, pad_token_id=pad_token_id)
+            return FastModel._from_adapter(
+                source, max_seq_length, torch_dtype, load_in_4bit, double_quant, device, token, verbose, head
+            )
 
         if source.suffix == ".gguf":
             from engine.gguf.reader import load_gguf_tokenizer, read_gguf_checkpoint
@@ -187,6 +207,16 @@ class FastModel:
         model.eval()
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if num_labels is not None:
+            from engine.models.classification import CausalLMForSequenceClassification
+
+            if pad_token_id is None:
+                pad_token_id = (
+                    tokenizer.pad_token_id if tokenizer is not None else getattr(hf_config, "pad_token_id", None)
+                )
+            model = CausalLMForSequenceClassification.from_causal_lm(
+                model, num_labels, pad_token_id=pad_token_id, problem_type=problem_type, id2label=id2label
+            )
         if verbose:
             print(
                 f"engine: loaded {args.model_type} ({args.num_layers} layers, hidden {args.hidden_size}) from {source.name} "
@@ -196,13 +226,16 @@ class FastModel:
         return model, tokenizer
 
     @staticmethod
-    def _from_adapter(folder, max_seq_length, dtype, load_in_4bit, double_quant, device, token, verbose):
+    def _from_adapter(folder, max_seq_length, dtype, load_in_4bit, double_quant, device, token, verbose, head):
         config = json.loads((folder / "adapter_config.json").read_text())
         base = config.get("base_model_name_or_path")
         if not base:
             raise CheckpointError(f"{folder}/adapter_config.json does not name its base model (base_model_name_or_path)")
+        if config.get("task_type") == "SEQ_CLS" and head["num_labels"] is None:
+            head = {**head, "num_labels": _adapter_num_labels(folder)}
         model, tokenizer = FastModel.from_pretrained(
-            base, max_seq_length, dtype, load_in_4bit, double_quant=double_quant, device=device, token=token, verbose=verbose
+            base, max_seq_length, dtype, load_in_4bit, double_quant=double_quant, device=device, token=token,
+            verbose=verbose, **head,
         )
         FastModel.load_adapter(model, folder)
         if (folder / "tokenizer_config.json").is_file():
@@ -223,6 +256,11 @@ class FastModel:
         config = json.loads(config_path.read_text())
         if config.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA is supported")
+        if config.get("task_type") == "SEQ_CLS" and "score" not in getattr(model, "trainable_heads", ()):
+            raise CheckpointError(
+                f"{folder} holds a sequence-classification adapter (with a score head); load it with "
+                f"FastModel.from_pretrained({str(folder)!r}) or onto a model loaded with num_labels=N"
+            )
         if not lora_modules(model):
             FastModel.get_peft_model(
                 model,
@@ -290,8 +328,14 @@ class FastModel:
         for key in unused:
             if key not in ("max_seq_length", "loftq_config", "init_lora_weights", "modules_to_save"):
                 raise ConfigurationError(f"get_peft_model() got an unexpected argument {key!r}")
-        if unused.get("modules_to_save"):
-            raise ConfigurationError("modules_to_save is not supported yet; train adapters on projections only")
+        heads = list(getattr(model, "trainable_heads", ()))
+        extra = [m for m in unused.get("modules_to_save") or () if m not in heads]
+        if extra:
+            raise ConfigurationError(
+                f"modules_to_save={extra} is not supported: only a classification model's head ('score', from "
+                "FastModel.from_pretrained(..., num_labels=N)) is trained whole (always); train adapters on "
+                "projections otherwise"
+            )
         if bias != "none":
             raise ConfigurationError(f"bias={bias!r} is not supported; only bias='none'")
         _tile_rows(model, tiled_mlp)  # validated before the model is changed
@@ -303,6 +347,8 @@ class FastModel:
             lora_dropout=lora_dropout,
             target_modules=resolve_target_modules(target_modules, model.args.family.lora_targets),
             use_rslora=use_rslora,
+            modules_to_save=heads,
+            task_type=getattr(model, "peft_task_type", "CAUSAL_LM"),
         )
         add_lora(model, settings, random_state=random_state)
         FastModel.set_gradient_checkpointing(model, use_gradient_checkpointing, memory_budget_gb=memory_budget_gb)
@@ -450,6 +496,21 @@ class FastModel:
         """Training mode (dropout and gradient checkpointing as configured)."""
         model.train()
         return model
+
+
+def _adapter_num_labels(folder: Path) -> int:
+    """Classes of a saved classification adapter: the rows of its ``score`` head (PEFT's key)."""
+    from safetensors import safe_open
+
+    from engine.peft import PEFT_PREFIX
+
+    key = f"{PEFT_PREFIX}score.weight"
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        if key not in f.keys():
+            raise CheckpointError(
+                f"{folder} is a SEQ_CLS adapter without {key}; pass FastModel.from_pretrained(..., num_labels=N)"
+            )
+        return int(f.get_slice(key).get_shape()[0])
 
 
 def _check_memory_budget(memory_budget_gb, mode) -> None:

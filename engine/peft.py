@@ -31,12 +31,15 @@ class LoraSettings:
     lora_dropout: float
     target_modules: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    #: Modules trained and saved whole (PEFT's ``modules_to_save``): a classifier's ``score`` head.
+    modules_to_save: list[str] = field(default_factory=list)
+    task_type: str = "CAUSAL_LM"
 
     def to_peft_config(self, base_model_name_or_path: str | None) -> dict:
         """The ``adapter_config.json`` content PEFT's ``PeftModel.from_pretrained`` reads."""
         return {
             "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
+            "task_type": self.task_type,
             "base_model_name_or_path": base_model_name_or_path,
             "r": self.r,
             "lora_alpha": self.lora_alpha,
@@ -47,7 +50,7 @@ class LoraSettings:
             "fan_in_fan_out": False,
             "inference_mode": True,
             "init_lora_weights": True,
-            "modules_to_save": None,
+            "modules_to_save": sorted(self.modules_to_save) or None,
             "layers_to_transform": None,
             "layers_pattern": None,
             "rank_pattern": {},
@@ -105,6 +108,8 @@ def add_lora(model, settings: LoraSettings, random_state: int = 3407) -> None:
             module.add_lora(
                 settings.r, settings.lora_alpha, settings.lora_dropout, settings.use_rslora, generator=generator
             )
+    for name in settings.modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
     model.lora_settings = settings
 
 
@@ -128,6 +133,18 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     for name, m in lora_modules(model).items():
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+    out.update({key: p.detach() for key, p in _saved_module_params(model).items()})
+    return out
+
+
+def _saved_module_params(model) -> dict[str, torch.nn.Parameter]:
+    """``{PEFT key: parameter}`` of the modules trained whole (``modules_to_save``), under the key PEFT 0.21
+    writes for them (``base_model.model.score.weight``)."""
+    settings = getattr(model, "lora_settings", None)
+    out = {}
+    for module_name in getattr(settings, "modules_to_save", ()):
+        for name, p in model.get_submodule(module_name).named_parameters():
+            out[f"{PEFT_PREFIX}{module_name}.{name}"] = p
     return out
 
 
@@ -151,6 +168,16 @@ def load_adapter_state_dict(model, state: dict[str, torch.Tensor], source: str =
                 raise CheckpointError(
                     f"{source}: {key} has shape {tuple(state[key].shape)}, the model's adapter has {tuple(param.shape)}; "
                     "the adapter was trained for another model or rank"
+                )
+            with torch.no_grad():
+                param.copy_(state[key])
+    for key, param in _saved_module_params(model).items():
+        expected.add(key)
+        if key in state:
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{source}: {key} has shape {tuple(state[key].shape)}, the model's has {tuple(param.shape)}; "
+                    "the adapter was trained with another number of labels"
                 )
             with torch.no_grad():
                 param.copy_(state[key])

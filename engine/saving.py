@@ -162,7 +162,7 @@ def save_pretrained_merged(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             stage.write_text("model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
             written.add("model.safetensors.index.json")
-        config = model.hf_config.to_dict()
+        config = model.config.to_dict()  # a classifier's config names its head (num_labels, architectures)
         config["torch_dtype"] = _DTYPE_NAMES[dtype]
         config["dtype"] = _DTYPE_NAMES[dtype]
         config.pop("quantization_config", None)

@@ -39,7 +39,8 @@ def test_generation_is_deterministic(tmp_path):
     gen.write_all(a, seed=0)
     gen.write_all(b, seed=0)
     fa, fb = _files(a), _files(b)
-    assert sorted(fa) == ["dpo/eval.jsonl", "dpo/train.jsonl", "sft/eval.jsonl", "sft/train.jsonl"]
+    assert sorted(fa) == ["cls/eval.jsonl", "cls/train.jsonl", "dpo/eval.jsonl", "dpo/train.jsonl", "sft/eval.jsonl",
+                          "sft/train.jsonl"]
     assert fa == fb
     gen.write_all(tmp_path / "c", seed=1)
     assert _files(tmp_path / "c") != fa
@@ -195,3 +196,19 @@ def test_passive_vocabulary_is_unambiguous():
     adjectives = {w for adjs in tasks._ADJECTIVES.values() for w in adjs}
     names = {n.lower() for n in tasks._NAMES}
     assert not verb_words & (nouns | adjectives | names)
+
+
+def test_classification_splits_are_balanced_labelled_and_held_out():
+    from data.classification import CLS_LABELS
+
+    train, held_out = load_jsonl("train", "cls"), load_jsonl("eval", "cls")
+    assert (len(train), len(held_out)) == (gen.DEFAULT_SIZES["cls_train"], gen.DEFAULT_SIZES["cls_eval"])
+    for rows in (train, held_out):
+        counts = Counter(r["label"] for r in rows)
+        assert sorted(counts) == list(range(len(CLS_LABELS))) and len(set(counts.values())) == 1, counts
+        for r in rows:
+            assert list(r) == ["text", "label", "label_name"] and r["label_name"] == CLS_LABELS[r["label"]]
+            tasks.canonical_answer(r["label_name"], r["text"])  # the prompt parses as its task's (else ValueError)
+    texts = [r["text"] for r in train + held_out]
+    assert len(set(texts)) == len(texts), "a classification prompt repeats (within or across train/eval)"
+    assert gen.generate_all(0, {"cls_train": 10})["cls_eval"] == gen.generate_all(0)["cls_eval"]

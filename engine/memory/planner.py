@@ -719,6 +719,8 @@ def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Cal
         if isinstance(m, Linear) and m.is_quantized
     }
     settings = getattr(model, "lora_settings", None) if lora_modules(model) else None
+    if settings is not None and settings.modules_to_save:  # a classifier is planned as its causal LM (head swapped)
+        settings = dataclasses.replace(settings, modules_to_save=[])
     real = {name: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}  # no reference to the weights
     tiles = [layer.mlp.tile_rows for layer in model.model.layers]
     tiled_mlp = model.tiled_mlp

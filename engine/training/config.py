@@ -368,3 +368,28 @@ class ORPOConfig(EngineTrainingArguments):
             raise ConfigurationError(f"beta must be positive, got {self.beta}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigurationError(f"max_length must be at least 2 (or None), got {self.max_length}")
+
+
+@dataclass
+class ClassificationConfig(EngineTrainingArguments):
+    """Arguments of :class:`engine.ClassificationTrainer` (``TrainingArguments`` plus the data fields below).
+
+    Rows are tokenized from ``dataset_text_field`` (no special tokens added beyond the tokenizer's own,
+    truncated to ``max_length`` keeping the start) with their class in ``label_field``; batches are padded
+    on ``padding_side`` with the model's pad token. Evaluation reports ``eval_accuracy`` (single-label).
+    """
+
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate (LoRA-typical)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    dataset_text_field: str = field(default="text", metadata={"help": "Column with the text to classify."})
+    label_field: str = field(default="label", metadata={"help": "Column with the class index (or float targets)."})
+    max_length: int | None = field(default=512, metadata={"help": "Longest tokenized text; longer ones keep the start."})
+    padding_side: str = field(default="right", metadata={"help": "'right' or 'left' (pooling handles both)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _engine_defaults(self)
+        if self.padding_side not in ("right", "left"):
+            raise ConfigurationError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigurationError(f"max_length must be at least 1, got {self.max_length}")
