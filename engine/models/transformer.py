@@ -248,8 +248,8 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
 
     def __getitem__(self, key):
-        if isinstance(key, int):  # tuple-style access, as transformers' ModelOutput allows
-            return [v for v in (self.loss, self.logits) if v is not None][key]
+        if isinstance(key, (int, slice)):  # tuple-style access, as transformers' ModelOutput allows
+            return tuple(v for v in (self.loss, self.logits) if v is not None)[key]
         return getattr(self, key)
 
 
@@ -466,7 +466,10 @@ class CausalLM(nn.Module):
                 ``labels[t + 1]``); -100 is ignored. The loss is the mean over predicted tokens.
             num_items_in_batch: divide the summed loss by this instead (gradient accumulation).
             return_logits (bool, optional): also return logits when computing a loss. By default
-                logits are returned only when no labels are given.
+                (``None``) logits are returned when no labels are given or the model is in eval mode
+                (so ``transformers.Trainer.evaluate`` with ``compute_metrics`` gets them); in training
+                with labels they are not computed (the loss is fused and chunked, never ``[N, V]``).
+                ``False`` never returns them.
             logits_to_keep (int): if > 0, compute logits for the last ``logits_to_keep`` positions only.
             cache: a KV cache (used by :meth:`generate`).
             cu_seq_lens (Tensor, optional): int ``[n_docs + 1]`` document boundaries (0, ..., s) of one
@@ -490,7 +493,9 @@ class CausalLM(nn.Module):
         loss = logits = None
         if labels is not None:
             loss = self._loss(x, labels, num_items_in_batch)
-        if labels is None or return_logits:
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        if return_logits:
             kept = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
             logits = self.lm_head(kept)
             if self.args.final_softcap is not None:

@@ -139,7 +139,11 @@ class SFTTrainer(EngineTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation computes the loss only (the fused loss never materialises logits)."""
+        """The loss only when only the loss is wanted (``evaluate()`` without ``compute_metrics``: the fused loss
+        never materialises logits); otherwise transformers' ``prediction_step``, with the logits the model returns
+        in eval mode (``[b, s, V]`` per batch, for ``compute_metrics``)."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)

@@ -195,3 +195,29 @@ def test_max_length_defaults_to_the_models_max_seq_length(tiny_chat_folder, tmp_
     assert trainer.args.max_length == 96
     trainer.train()
     assert trainer.training_summary.notes == ["max_length=96: the model's max_seq_length (SFTConfig.max_length was not set)"]
+
+
+def test_eval_mode_returns_logits_with_the_loss_and_compute_metrics_works(tiny_chat_folder, tmp_path):
+    import numpy as np
+
+    model, tok = _model(tiny_chat_folder)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    model.train()
+    assert model(ids, labels=ids).logits is None  # training: fused loss, no [N, V] logits
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        plain = model(ids).logits
+    torch.testing.assert_close(out.logits, plain)
+    assert model(ids, labels=ids, return_logits=False).logits is None
+
+    def token_accuracy(prediction):
+        logits, labels = prediction.predictions, prediction.label_ids
+        predicted, target = logits[..., :-1, :].argmax(-1), labels[..., 1:]
+        mask = target != -100
+        return {"token_accuracy": float((predicted[mask] == target[mask]).mean())}
+
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), eval_dataset=_rows(8), args=_args(tmp_path),
+                         compute_metrics=token_accuracy)
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_token_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
