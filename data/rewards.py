@@ -18,7 +18,10 @@ would see no reward variance and learn nothing. Here:
 
 Measured on this 2-core CPU machine (base model, held-out prompts of ``addition_prompts(seed=0)``, chat template,
 sampling at temperature 1.0, at most 16 new tokens, 8 completions per prompt) with
-``python benchmarks/grpo_task.py``: see the numbers in that module's docstring (``MEASURED``).
+``python benchmarks/grpo_task.py --dtype float32 --threads 1``: mean reward 0.223, success rate 0.211, best-of-8
+0.812 (128 completions). The base model mostly rambles ("The answer is 15, but ..."), so the format reward is
+rarely earned (27%) and correctness is what varies within a group. Operand order matters to the split: "3 + 7" may
+be held out while "7 + 3" is trained on.
 """
 
 from __future__ import annotations
