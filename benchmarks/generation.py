@@ -203,7 +203,7 @@ def markdown(result: dict) -> str:
         f"Batch: {result['prompts']} chat prompts x {result['generations']} generations, left-padded. "
         f"Median of {result['repeats']} interleaved repeats.",
         "",
-        "| dtype | mode | max new | side | steps | new tokens | new tokens/s | prefill ms | ms / decode step | speed-up |",
+        "| dtype | mode | max new | side | steps | new tokens | new tokens/s | prefill ms | ms / decode step | engine speed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     engine = {(r["dtype"], r["mode"], r["max_new_tokens"]): r for r in result["rows"] if r["side"] == "engine"}
@@ -217,7 +217,9 @@ def markdown(result: dict) -> str:
             f"| {r['dtype']} | {r['mode']} | {r['max_new_tokens']} | {r['side']} | {r['steps']} | {r['new_tokens']} "
             f"| {r['new_tokens_per_s']} | {r['prefill_ms']} | {r['ms_per_decode_step']} | {speed} |"
         )
-    lines += ["", "Speed-up: the side's ms per decode step over the engine's.", "", "Versions: " + ", ".join(
+    lines += ["", "Engine speed: this side's ms per decode step over the engine's (above 1: the engine decodes faster). "
+              "Greedy tokens may differ in bfloat16 (rounding at near-ties); in float32 they are checked equal.", "",
+              "Versions: " + ", ".join(
         f"{k} {v}" for k, v in result["versions"].items() if v)]
     return "\n".join(lines) + "\n"
 
