@@ -326,6 +326,8 @@ def _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding
     window_matters = sliding_window is not None and sliding_window < kv_len
     if key_padding_mask is None and doc_ids is None and not window_matters and q_offset == 0 and q_len == kv_len:
         return _sdpa(q, k, v, None, scale, True)
+    if q_len == 1 and q_offset == kv_len - 1 and doc_ids is None and not window_matters:
+        return _decode_sdpa(q, k, v, scale, key_padding_mask)
     mask = build_attention_mask(
         q_len,
         kv_len,
@@ -336,6 +338,21 @@ def _sdpa_attention(q, k, v, scale, q_offset, key_padding_mask, doc_ids, sliding
         device=q.device,
     )
     return _sdpa(q, k, v, mask, scale, False)
+
+
+def _decode_sdpa(q, k, v, scale, key_padding_mask):
+    """One new query per row against every cached key (a decode step): ``q [b, hq, 1, d]``, ``k, v [b, hkv, s_k, d]``.
+
+    Causality is moot (the query is the last slot), so the only mask is the keys' padding, ``[b, 1, 1, s_k]``
+    (the query's own slot is always real). Grouped-query heads are folded into the query length,
+    ``[b, hkv, hq / hkv, d]``: every query head meets its key-value head without ``k``/``v`` being repeated
+    (query head ``i`` uses key-value head ``i // rep``, as ``repeat_interleave`` pairs them).
+    """
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
+    out = _sdpa(q.reshape(b, hkv, hq // hkv, d), k, v, mask, scale, False)
+    return out.reshape(b, hq, 1, d)
 
 
 # --------------------------------------------------------------------------- soft-capped scores, PyTorch path

@@ -70,3 +70,34 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_folders):
     greedy = model.generate(ids, max_new_tokens=8, eos_token_id=[])
     top1 = model.generate(ids, max_new_tokens=8, do_sample=True, top_k=1, seed=5, eos_token_id=[])
     assert torch.equal(top1, greedy)
+
+
+def test_decode_attention_equals_reference_with_padding_and_gqa():
+    """A decode step (one query per row, every cached key) takes the folded-GQA path: same result as the oracle."""
+    from kernels.attention import attention, attention_reference, build_attention_mask
+
+    torch.manual_seed(0)
+    b, hq, hkv, kv_len, d = 3, 6, 2, 9, 16
+    q = torch.randn(b, hq, 1, d)
+    k, v = torch.randn(b, hkv, kv_len, d), torch.randn(b, hkv, kv_len, d)
+    padding = torch.ones(b, kv_len, dtype=torch.bool)
+    padding[0, :4] = False
+    padding[2, :1] = False
+    out = attention(q, k, v, scale=d**-0.5, q_offset=kv_len - 1, key_padding_mask=padding)
+    mask = build_attention_mask(1, kv_len, q_offset=kv_len - 1, key_padding_mask=padding)
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask, d**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_follows_the_distribution_and_skips_cut_tokens():
+    """Inverse-CDF sampling: frequencies match the softmax; tokens cut by top_k are never drawn."""
+    from engine.models.generation import _pick_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    gen = torch.Generator().manual_seed(0)
+    picks = _pick_next(logits, True, 1.0, 0, 1.0, gen)
+    freq = torch.bincount(picks, minlength=4).float() / picks.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015, rtol=0)
+    cut = _pick_next(logits, True, 1.0, 2, 1.0, gen)
+    assert set(cut.unique().tolist()) == {0, 1}
+    nucleus = _pick_next(logits, True, 1.0, 0, 0.6, gen)  # 0.5 < 0.6: tokens 0 and 1 kept
+    assert set(nucleus.unique().tolist()) == {0, 1}

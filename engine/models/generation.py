@@ -44,6 +44,10 @@ class KVCache:
         self.length += n
 
 
+#: Off CPU, steps between two checks whether every row has ended (each check is a host synchronisation).
+SYNC_EVERY = 8
+
+
 def _as_id_set(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
@@ -51,7 +55,14 @@ def _as_id_set(eos_token_id) -> list[int]:
 
 
 def _pick_next(logits, do_sample, temperature, top_k, top_p, generator):
-    """Choose next tokens from ``logits [b, V]``."""
+    """Choose next tokens ``[b]`` from ``logits [b, V]``.
+
+    Sampling draws one uniform number per row and inverts the cumulative distribution (``searchsorted``): the
+    same distribution as ``torch.multinomial``, but ``b`` random numbers instead of ``b * V`` (multinomial's
+    exponential draws over the whole vocabulary cost more than the model's decode step on a CPU). Tokens of
+    probability zero (cut by ``top_k``/``top_p``) are never chosen: a row's pick is the first token whose
+    cumulative probability exceeds the draw.
+    """
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / max(temperature, 1e-5)
@@ -65,8 +76,9 @@ def _pick_next(logits, do_sample, temperature, top_k, top_p, generator):
         drop = (probs.cumsum(-1) - probs) > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = logits.softmax(-1).cumsum(-1)
+    draw = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -97,7 +109,13 @@ def generate(
         seed (int, optional): seed of the sampling generator.
 
     Returns:
-        Tensor ``[b, s + n]``: the prompts followed by the generated tokens (``n <= max_new_tokens``).
+        Tensor ``[b, s + n]``: the prompts followed by the generated tokens (``n <= max_new_tokens``; ``n`` is the
+        step at which the last row emitted EOS, or ``max_new_tokens``).
+
+    A decode step feeds ``[b, 1]`` tokens with views of one preallocated ``[b, s + max_new_tokens]`` attention mask
+    and the positions kept as a running ``[b, 1]`` counter (no mask concatenation or cumulative sum per step). On a
+    CPU, whether every row has ended is checked after every step; elsewhere every :data:`SYNC_EVERY` steps (a host
+    synchronisation), and the output is cut back to the step the last row ended at, so the result is the same.
     """
     for key in unused:
         if key not in ("use_cache", "streamer", "generation_config", "num_beams"):
@@ -123,34 +141,55 @@ def generate(
         generator = torch.Generator(device=model.device).manual_seed(seed)
     args = model.args
     cache = KVCache(args.num_layers, b, args.num_kv_heads, args.head_dim, s + max_new_tokens, model.device, model.dtype)
+    padded = not bool(attention_mask.all())
+    full_mask = torch.ones(b, s + max_new_tokens, dtype=torch.long, device=model.device)
+    full_mask[:, :s] = attention_mask
+    # next position of each row: its number of real prompt tokens
+    position = attention_mask.sum(-1, keepdim=True)
+    sync_every = 1 if model.device.type == "cpu" else SYNC_EVERY
     was_training = model.training
     model.eval()
     try:
-        out = model(input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+        out = model(input_ids, attention_mask=attention_mask if padded else None, cache=cache, logits_to_keep=1)
         cache.advance(s)
-        tokens = [input_ids]
+        tokens = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=model.device)
         finished = torch.zeros(b, dtype=torch.bool, device=model.device)
+        ended_at = torch.full((b,), max_new_tokens - 1, dtype=torch.long, device=model.device)
         eos = torch.tensor(eos_ids, device=model.device, dtype=torch.long)
+        n = max_new_tokens
         for step in range(max_new_tokens):
             nxt = _pick_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
-            tokens.append(nxt[:, None])
+            tokens[:, step] = nxt
             if len(eos_ids):
-                finished |= torch.isin(nxt, eos)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+                ends = torch.isin(nxt, eos) & ~finished
+                ended_at = torch.where(ends, step, ended_at)
+                finished |= ends
+                if (step + 1) % sync_every == 0 and bool(finished.all()):
+                    n = int(ended_at.max()) + 1
+                    break
+            if step == max_new_tokens - 1:
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            length = s + step + 1
             threshold = args.long_rope_threshold if args.long_inv_freq is not None else None
             if threshold is not None and cache.length == threshold:
                 # LongRoPE (Phi-3): the sequence just passed the original context, so every position switches to the
                 # long factors; the cached keys were rotated with the short ones. Recompute them, as transformers'
                 # Phi-3 generate does (it drops its cache once at this point).
                 cache.length = 0
-                out = model(torch.cat(tokens, dim=1), attention_mask=attention_mask, cache=cache, logits_to_keep=1)
-                cache.advance(attention_mask.shape[1])
+                seq = torch.cat([input_ids, tokens[:, : step + 1]], dim=1)
+                out = model(seq, attention_mask=full_mask[:, :length], cache=cache, logits_to_keep=1)
+                cache.advance(length)
+                position = position + 1
                 continue
-            out = model(nxt[:, None], attention_mask=attention_mask, cache=cache, logits_to_keep=1)
+            out = model(
+                nxt[:, None], attention_mask=full_mask[:, :length] if padded else None, position_ids=position,
+                cache=cache, logits_to_keep=1,
+            )
             cache.advance(1)
+            position = position + 1
+        if len(eos_ids) and n == max_new_tokens and bool(finished.all()):
+            n = int(ended_at.max()) + 1  # the last check fell between two syncs
     finally:
         model.train(was_training)
-    return torch.cat(tokens, dim=1)
+    return torch.cat([input_ids, tokens[:, :n]], dim=1)
