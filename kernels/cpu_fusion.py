@@ -12,7 +12,11 @@ a row's sum.
   fake tensors of the memory planner, ``meta``) through the eager one. ``dynamic=True``: packed rows change
   length every step, and one compiled kernel serves every length (a new dtype compiles once more).
 * The switch is the ``ENGINE_CPU_COMPILE`` environment variable: ``1`` (default) compiles, ``0`` runs the
-  eager ops. The first call of each function compiles it (seconds; Inductor keeps the result in its on-disk
+  eager ops.
+* Small calls run eagerly: a compiled call costs a fixed ~0.1-0.2 ms (guards, cache lookup), more than the
+  whole eager op on a decode step's ``[32, 1, 576]`` rows. Only calls whose largest tensor has at least
+  ``ENGINE_CPU_COMPILE_MIN_ELEMENTS`` elements (default :data:`MIN_ELEMENTS`, 65,536) are compiled: training
+  steps (hundreds of tokens x hidden) are, generation's one-token steps are not. The first call of each function compiles it (seconds; Inductor keeps the result in its on-disk
   cache for later processes).
 * If compiling fails (most often: no C++ compiler on the machine), a warning says so and what to do, once per
   function, and the eager ops run from then on: the same math, unfused. Beyond :data:`RECOMPILE_LIMIT`
@@ -34,6 +38,9 @@ import torch
 from kernels.errors import ConfigurationError
 
 ENV_VAR = "ENGINE_CPU_COMPILE"
+MIN_ENV_VAR = "ENGINE_CPU_COMPILE_MIN_ELEMENTS"
+#: Calls whose largest tensor is smaller run eagerly (a compiled call's fixed cost exceeds the op's).
+MIN_ELEMENTS = 65_536
 #: Compiled variants kept per function (dtypes, ranks, layouts); calls beyond them run eagerly.
 RECOMPILE_LIMIT = 16
 _OPTIONS = {"emulate_precision_casts": True}
@@ -47,16 +54,27 @@ def cpu_compile_enabled() -> bool:
     return value in ("1", "true", "on")
 
 
+def min_compiled_elements() -> int:
+    """``ENGINE_CPU_COMPILE_MIN_ELEMENTS`` (default :data:`MIN_ELEMENTS`): smaller calls run eagerly."""
+    value = os.environ.get(MIN_ENV_VAR, "").strip()
+    if not value:
+        return MIN_ELEMENTS
+    if not value.isdigit():
+        raise ConfigurationError(f"{MIN_ENV_VAR}={value!r}: use a whole number of elements (0 compiles every call)")
+    return int(value)
+
+
 def _real_cpu_tensors(args) -> bool:
+    """Real CPU tensors without grad, the largest with at least :func:`min_compiled_elements` elements."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    found = False
+    largest = -1
     for a in args:
         if isinstance(a, torch.Tensor):
             if a.device.type != "cpu" or isinstance(a, FakeTensor) or a.requires_grad and torch.is_grad_enabled():
                 return False
-            found = True
-    return found
+            largest = max(largest, a.numel())
+    return largest >= 0 and largest >= min_compiled_elements()
 
 
 class _Fused:

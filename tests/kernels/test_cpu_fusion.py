@@ -8,6 +8,7 @@ import torch
 
 from kernels import cpu_fusion, geglu, rms_norm, rope, swiglu
 from kernels.cross_entropy import _torch_rows, fused_linear_cross_entropy
+from kernels.errors import ConfigurationError
 from kernels.geglu import _geglu_forward, geglu_backward_torch
 from kernels.rms_norm import _rms_backward_dw, _rms_backward_dx, _rms_forward
 from kernels.rope import _rotate, _unrotate
@@ -21,6 +22,7 @@ FUSED = (_rms_forward, _rms_backward_dx, _rms_backward_dw, _swiglu_forward, swig
 @pytest.fixture
 def compiled(monkeypatch):
     monkeypatch.setenv(cpu_fusion.ENV_VAR, "1")
+    monkeypatch.setenv(cpu_fusion.MIN_ENV_VAR, "0")  # the shapes below are small: compile them anyway
     for f in FUSED:
         f.broken = False
     yield
@@ -97,7 +99,6 @@ def test_fake_and_grad_inputs_take_the_eager_path(compiled):
 
 
 def test_bad_switch_value_is_refused(monkeypatch):
-    from kernels.errors import ConfigurationError
 
     monkeypatch.setenv(cpu_fusion.ENV_VAR, "maybe")
     with pytest.raises(ConfigurationError, match="ENGINE_CPU_COMPILE='maybe'"):
@@ -123,3 +124,17 @@ def test_model_with_compiled_ops_matches_peft(hf_folders, compiled):
             ref = peft_params[f"base_model.model.{name}.lora_{part}.default.weight"].grad
             assert_close_rel(getattr(m, f"lora_{part}").grad, ref, what=f"{name} lora_{part}")
     assert _rms_forward.compiled is not None and _swiglu_forward.compiled is not None
+
+
+def test_small_calls_run_eagerly(compiled, monkeypatch):
+    """Below ENGINE_CPU_COMPILE_MIN_ELEMENTS (default 65,536: a decode step's rows) the eager op runs."""
+    monkeypatch.delenv(cpu_fusion.MIN_ENV_VAR)
+    calls = []
+    fused = cpu_fusion.cpu_fused(lambda a: calls.append(1) or a * 2)
+    fused(torch.ones(32, 576))  # 18,432 elements: eager
+    assert calls == [1] and fused.compiled is None
+    fused(torch.ones(1024, 576))  # compiled: traced once (the lambda runs while tracing), then the compiled loop
+    assert fused.compiled is not None
+    monkeypatch.setenv(cpu_fusion.MIN_ENV_VAR, "lots")
+    with pytest.raises(ConfigurationError, match="ENGINE_CPU_COMPILE_MIN_ELEMENTS='lots'"):
+        fused(torch.ones(1024, 576))
