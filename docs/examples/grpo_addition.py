@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=16)
     parser.add_argument("--eval-prompts", type=int, default=16)
+    parser.add_argument("--eval-generations", type=int, default=8, help="sampled completions per held-out prompt")
     args = parser.parse_args(argv)
 
     from data.rewards import addition_prompts, addition_reward
@@ -82,7 +83,8 @@ def main(argv=None) -> dict:
     model = FastModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing=False, random_state=0)
 
     t0 = time.perf_counter()
-    before = held_out_scores(model, tokenizer, held_out, max_new_tokens=args.max_completion_length)
+    before = held_out_scores(model, tokenizer, held_out, generations=args.eval_generations,
+                             max_new_tokens=args.max_completion_length)
     eval_seconds = time.perf_counter() - t0
     print(f"held-out before GRPO: mean reward {before['mean_reward']:.3f}, correct {before['success_rate']:.1%} "
           f"({eval_seconds:.0f} s)  e.g. {before['example']}")
@@ -107,7 +109,8 @@ def main(argv=None) -> dict:
                               tokenizer=tokenizer)
         trainer.train()
 
-    after = held_out_scores(model, tokenizer, held_out, max_new_tokens=args.max_completion_length)
+    after = held_out_scores(model, tokenizer, held_out, generations=args.eval_generations,
+                            max_new_tokens=args.max_completion_length)
     print(f"held-out after GRPO:  mean reward {after['mean_reward']:.3f}, correct {after['success_rate']:.1%}  "
           f"e.g. {after['example']}")
     summary = trainer.training_summary

@@ -47,6 +47,34 @@ def resolve_config(args, config_cls: type, trainer_name: str):
     return args
 
 
+def trainer_inputs(name: str, tokenizer, processing_class, train_dataset, *, needs_tokenizer: bool = True):
+    """The tokenizer (passed as ``tokenizer=`` or ``processing_class=``), after checking what every trainer needs.
+
+    Raises:
+        ConfigurationError: no tokenizer (when ``needs_tokenizer``) or no ``train_dataset``.
+    """
+    tok = processing_class if processing_class is not None else tokenizer
+    if needs_tokenizer and tok is None:
+        raise ConfigurationError(f"{name} needs the tokenizer (tokenizer=...)")
+    if train_dataset is None:
+        raise ConfigurationError(f"{name} needs a train_dataset")
+    return tok
+
+
+def check_reference_policy(name: str, method: str, model, ref_model, precompute: bool) -> None:
+    """DPO/KTO: the reference policy is the model with adapters off, or precomputed log-probs; never a 2nd model."""
+    if ref_model is not None:
+        raise ConfigurationError(
+            f"{name} takes no ref_model: the reference policy is the model with its LoRA adapters disabled "
+            "(no second copy of the weights), or precomputed log-probs (precompute_ref_log_probs=True)"
+        )
+    if not lora_modules(model) and not precompute:
+        raise ConfigurationError(
+            f"{method} without LoRA adapters has no built-in reference policy. Add adapters with "
+            f"FastModel.get_peft_model(...) or set {method}Config(precompute_ref_log_probs=True)."
+        )
+
+
 def pad_token_id(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS id, else 0 (padded positions are never trained on)."""
     if tokenizer is None:

@@ -19,9 +19,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import ConfigurationError
-from engine.peft import lora_modules
-from engine.training.base import pad_token_id, resolve_config
+from engine.training.base import check_reference_policy, pad_token_id, resolve_config, trainer_inputs
 from engine.training.config import DPOConfig
 from engine.training.preference_data import (
     PreferenceCollator,
@@ -62,21 +60,8 @@ class DPOTrainer(PreferenceTrainer):
         **kwargs,
     ):
         args = resolve_config(args, DPOConfig, "DPOTrainer")
-        if ref_model is not None:
-            raise ConfigurationError(
-                "DPOTrainer takes no ref_model: the reference policy is the model with its LoRA adapters disabled "
-                "(no second copy of the weights), or precomputed log-probs (precompute_ref_log_probs=True)"
-            )
-        if not lora_modules(model) and not args.precompute_ref_log_probs:
-            raise ConfigurationError(
-                "DPO without LoRA adapters has no built-in reference policy. Add adapters with "
-                "FastModel.get_peft_model(...) or set DPOConfig(precompute_ref_log_probs=True)."
-            )
-        tok = processing_class if processing_class is not None else tokenizer
-        if tok is None:
-            raise ConfigurationError("DPOTrainer needs the tokenizer (tokenizer=...)")
-        if train_dataset is None:
-            raise ConfigurationError("DPOTrainer needs a train_dataset")
+        check_reference_policy("DPOTrainer", "DPO", model, ref_model, args.precompute_ref_log_probs)
+        tok = trainer_inputs("DPOTrainer", tokenizer, processing_class, train_dataset)
         train_dataset = self._tokenize(train_dataset, tok, args)
         if eval_dataset is not None:
             eval_dataset = self._tokenize(eval_dataset, tok, args)

@@ -32,7 +32,7 @@ import transformers
 from engine.errors import ConfigurationError, DatasetError
 from engine.training.rows import as_dataset
 from engine.peft import disable_adapter, lora_modules
-from engine.training.base import EngineTrainer, resolve_config
+from engine.training.base import EngineTrainer, resolve_config, trainer_inputs
 from engine.training.config import GRPOConfig
 from engine.training.grpo_data import RepeatSampler, completion_log_probs, is_conversational, pad_left, pad_right
 from engine.training.grpo_loss import clip_metrics, group_advantages, grpo_loss, masked_mean, nanstd
@@ -78,11 +78,7 @@ class GRPOTrainer(EngineTrainer):
         **kwargs,
     ):
         args = resolve_config(args, GRPOConfig, "GRPOTrainer")
-        tok = processing_class if processing_class is not None else tokenizer
-        if tok is None:
-            raise ConfigurationError("GRPOTrainer needs the tokenizer (tokenizer=...)")
-        if train_dataset is None:
-            raise ConfigurationError("GRPOTrainer needs a train_dataset with a 'prompt' column")
+        tok = trainer_inputs("GRPOTrainer", tokenizer, processing_class, train_dataset)
         if args.beta != 0.0 and not lora_modules(model):
             raise ConfigurationError(
                 "beta > 0 needs a reference policy: the model with its LoRA adapters disabled. Add adapters with "

@@ -17,9 +17,8 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import ConfigurationError
-from engine.peft import disable_adapter, lora_modules
-from engine.training.base import pad_token_id, resolve_config
+from engine.peft import disable_adapter
+from engine.training.base import check_reference_policy, pad_token_id, resolve_config, trainer_inputs
 from engine.training.config import KTOConfig
 from engine.training.kto_data import UnpairedPreferenceCollator, add_kl_completions, tokenize_unpaired_dataset
 from engine.training.kto_loss import kl_estimate, kto_loss, kto_metrics
@@ -78,21 +77,8 @@ class KTOTrainer(PreferenceTrainer):
         **kwargs,
     ):
         args = resolve_config(args, KTOConfig, "KTOTrainer")
-        if ref_model is not None:
-            raise ConfigurationError(
-                "KTOTrainer takes no ref_model: the reference policy is the model with its LoRA adapters disabled "
-                "(no second copy of the weights), or precomputed log-probs (precompute_ref_log_probs=True)"
-            )
-        if not lora_modules(model) and not args.precompute_ref_log_probs:
-            raise ConfigurationError(
-                "KTO without LoRA adapters has no built-in reference policy. Add adapters with "
-                "FastModel.get_peft_model(...) or set KTOConfig(precompute_ref_log_probs=True)."
-            )
-        tok = processing_class if processing_class is not None else tokenizer
-        if tok is None:
-            raise ConfigurationError("KTOTrainer needs the tokenizer (tokenizer=...)")
-        if train_dataset is None:
-            raise ConfigurationError("KTOTrainer needs a train_dataset")
+        check_reference_policy("KTOTrainer", "KTO", model, ref_model, args.precompute_ref_log_probs)
+        tok = trainer_inputs("KTOTrainer", tokenizer, processing_class, train_dataset)
         self.with_kl = args.loss_type == "kto"
         train_dataset = self._prepare(train_dataset, tok, args, args.per_device_train_batch_size, train=True)
         if eval_dataset is not None:

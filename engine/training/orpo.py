@@ -18,8 +18,8 @@ from collections.abc import Mapping
 import datasets
 import torch
 
-from engine.errors import ConfigurationError, DatasetError
-from engine.training.base import pad_token_id, resolve_config
+from engine.errors import DatasetError
+from engine.training.base import pad_token_id, resolve_config, trainer_inputs
 from engine.training.config import ORPOConfig
 from engine.training.orpo_loss import orpo_loss
 from engine.training.preference_base import PreferenceTrainer
@@ -77,11 +77,7 @@ class ORPOTrainer(PreferenceTrainer):
         **kwargs,
     ):
         args = resolve_config(args, ORPOConfig, "ORPOTrainer")
-        tok = processing_class if processing_class is not None else tokenizer
-        if tok is None:
-            raise ConfigurationError("ORPOTrainer needs the tokenizer (tokenizer=...)")
-        if train_dataset is None:
-            raise ConfigurationError("ORPOTrainer needs a train_dataset")
+        tok = trainer_inputs("ORPOTrainer", tokenizer, processing_class, train_dataset)
         train_dataset = self._tokenize(train_dataset, tok, args)
         if eval_dataset is not None:
             eval_dataset = self._tokenize(eval_dataset, tok, args)

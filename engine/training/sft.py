@@ -19,7 +19,7 @@ import torch
 
 from engine.errors import ConfigurationError
 from engine.training.rows import as_dataset
-from engine.training.base import EngineTrainer, pad_token_id, resolve_config
+from engine.training.base import EngineTrainer, pad_token_id, resolve_config, trainer_inputs
 from engine.training.collators import PaddedCollator, PaddingFreeCollator
 from engine.training.config import SFTConfig
 from engine.training.packing import pack_dataset
@@ -61,9 +61,7 @@ class SFTTrainer(EngineTrainer):
         **kwargs,
     ):
         args = resolve_config(args, SFTConfig, "SFTTrainer")
-        tok = processing_class if processing_class is not None else tokenizer
-        if train_dataset is None:
-            raise ConfigurationError("SFTTrainer needs a train_dataset")
+        tok = trainer_inputs("SFTTrainer", tokenizer, processing_class, train_dataset, needs_tokenizer=False)
         seq_limit = getattr(model, "max_seq_length", None)
         note = None
         if args.max_length is None and seq_limit is not None:
