@@ -67,6 +67,11 @@ def load_weights(
                 f"{tuple(expected[name].shape)}. The config.json does not belong to these weights "
                 "(or the file is corrupt); use the config that was saved with them."
             )
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{source}: tensor {name!r} is stored as {tensor.dtype}, but model weights are floating point. "
+                "The file is corrupt or was tampered with; download or convert it again."
+            )
         module_name, leaf = _split(name)
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
