@@ -20,10 +20,11 @@ def _example():
 
 @pytest.mark.slow
 def test_grpo_raises_held_out_reward():
-    result = _example().main(["--steps", "12", "--eval-prompts", "12", "--eval-generations", "4"])
+    result = _example().main(["--steps", "8", "--lr", "3e-4", "--eval-prompts", "12", "--eval-generations", "4"])
     before, after = result["before"], result["after"]
-    # Measured (this 2-core CPU machine, bf16): see docs/training.md "GRPO end to end".
+    # Measured (this 2-core CPU machine, bf16, the suite's eager CPU ops): mean reward 0.171 -> 0.662, correct
+    # 16.7% -> 60.4%, 192 s. The full 20-step example: docs/training.md "GRPO end to end".
     assert 0.05 <= before["success_rate"] <= 0.6, before  # the base model partly solves it: GRPO has a signal
     assert after["mean_reward"] >= before["mean_reward"] + 0.3, (before, after)
     summary = result["summary"]
-    assert summary.steps == 12 and summary.generation["tokens_per_second"] > 0
+    assert summary.steps == 8 and summary.generation["tokens_per_second"] > 0
