@@ -110,22 +110,12 @@ class SFTConfig(EngineTrainingArguments):
 
 
 @dataclass
-class DPOConfig(EngineTrainingArguments):
-    """Arguments of :class:`engine.DPOTrainer` (``TrainingArguments`` plus TRL's DPO fields below).
+class PreferenceArguments(EngineTrainingArguments):
+    """The preference-data and reference-policy fields :class:`DPOConfig` and :class:`KTOConfig` share."""
 
-    The reference policy is the model with its LoRA adapters disabled (no second copy of the
-    weights), or log-probabilities computed once before training (``precompute_ref_log_probs``).
-    """
-
-    learning_rate: float = field(default=5e-6, metadata={"help": "Peak AdamW learning rate (TRL's default)."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
-    beta: float = field(default=0.1, metadata={"help": "Strength of the KL penalty towards the reference."})
-    loss_type: str = field(default="sigmoid", metadata={"help": "One of 'sigmoid', 'ipo', 'hinge', 'robust'."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Robust/cDPO label smoothing (sigmoid loss)."})
     max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion in tokens."})
-    truncation_mode: str = field(default="keep_start", metadata={"help": "'keep_start' or 'keep_end'."})
     padding_free: bool = field(
-        default=False, metadata={"help": "Flatten chosen and rejected sequences into one row without padding."}
+        default=False, metadata={"help": "Flatten each batch's sequences into one row without padding."}
     )
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Compute reference log-probs once before training."}
@@ -138,6 +128,22 @@ class DPOConfig(EngineTrainingArguments):
         default=False,
         metadata={"help": "Drop (with a warning) examples whose prompt fills max_length instead of raising."},
     )
+
+
+@dataclass
+class DPOConfig(PreferenceArguments):
+    """Arguments of :class:`engine.DPOTrainer` (``TrainingArguments`` plus TRL's DPO fields below).
+
+    The reference policy is the model with its LoRA adapters disabled (no second copy of the
+    weights), or log-probabilities computed once before training (``precompute_ref_log_probs``).
+    """
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak AdamW learning rate (TRL's default)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N optimizer steps."})
+    beta: float = field(default=0.1, metadata={"help": "Strength of the KL penalty towards the reference."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "One of 'sigmoid', 'ipo', 'hinge', 'robust'."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Robust/cDPO label smoothing (sigmoid loss)."})
+    truncation_mode: str = field(default="keep_start", metadata={"help": "'keep_start' or 'keep_end'."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -281,7 +287,7 @@ KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
-class KTOConfig(EngineTrainingArguments):
+class KTOConfig(PreferenceArguments):
     """Arguments of :class:`engine.KTOTrainer` (``TrainingArguments`` plus TRL's KTO fields below).
 
     The reference policy is the model with its LoRA adapters disabled, or log-probabilities computed once before
@@ -299,19 +305,6 @@ class KTOConfig(EngineTrainingArguments):
     loss_type: str = field(default="kto", metadata={"help": "One of 'kto', 'apo_zero_unpaired'."})
     desirable_weight: float = field(default=1.0, metadata={"help": "Weight of the desirable examples' losses."})
     undesirable_weight: float = field(default=1.0, metadata={"help": "Weight of the undesirable examples' losses."})
-    max_length: int | None = field(default=1024, metadata={"help": "Longest prompt + completion in tokens."})
-    padding_free: bool = field(default=False, metadata={"help": "Flatten each batch into one row without padding."})
-    precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute reference log-probs once before training."}
-    )
-    precompute_ref_batch_size: int | None = field(
-        default=None, metadata={"help": "Batch size for precomputing (default: per_device_train_batch_size)."}
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes used to tokenize."})
-    drop_truncated: bool = field(
-        default=False,
-        metadata={"help": "Drop (with a warning) examples whose prompt fills max_length instead of raising."},
-    )
 
     def __post_init__(self):
         super().__post_init__()

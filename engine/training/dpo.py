@@ -25,7 +25,6 @@ from engine.training.preference_data import (
     PreferenceCollator,
     reference_sequence_log_probs,
     sequence_log_probs,
-    tokenize_preference_dataset,
 )
 from engine.training.dpo_loss import dpo_loss, dpo_metrics
 from engine.training.preference_base import PreferenceTrainer
@@ -62,9 +61,9 @@ class DPOTrainer(PreferenceTrainer):
         args = resolve_config(args, DPOConfig, "DPOTrainer")
         check_reference_policy("DPOTrainer", "DPO", model, ref_model, args.precompute_ref_log_probs)
         tok = trainer_inputs("DPOTrainer", tokenizer, processing_class, train_dataset)
-        train_dataset = self._tokenize(train_dataset, tok, args)
+        train_dataset = self._tokenize_pairs(train_dataset, tok, args, args.truncation_mode)
         if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, tok, args)
+            eval_dataset = self._tokenize_pairs(eval_dataset, tok, args, args.truncation_mode)
         if data_collator is None:
             data_collator = PreferenceCollator(pad_token_id=pad_token_id(tok), padding_free=args.padding_free)
         super().__init__(
@@ -80,21 +79,6 @@ class DPOTrainer(PreferenceTrainer):
             self.train_dataset = self._with_reference_log_probs(self.train_dataset, "train")
             if self.eval_dataset is not None:
                 self.eval_dataset = self._with_reference_log_probs(self.eval_dataset, "eval")
-
-    @staticmethod
-    def _tokenize(dataset, tokenizer, args: DPOConfig) -> datasets.Dataset:
-        if isinstance(dataset, datasets.Dataset) and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(
-            dataset.column_names
-        ):
-            return dataset
-        return tokenize_preference_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            truncation_mode=args.truncation_mode,
-            num_proc=args.dataset_num_proc,
-            drop_truncated=args.drop_truncated,
-        )
 
     @torch.no_grad()
     def _with_reference_log_probs(self, dataset: datasets.Dataset, split: str) -> datasets.Dataset:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import datasets
 import torch
 
 from engine.errors import DatasetError
@@ -26,7 +25,6 @@ from engine.training.preference_base import PreferenceTrainer
 from engine.training.preference_data import (
     PreferenceCollator,
     completion_log_prob_sums,
-    tokenize_preference_dataset,
 )
 
 
@@ -78,9 +76,9 @@ class ORPOTrainer(PreferenceTrainer):
     ):
         args = resolve_config(args, ORPOConfig, "ORPOTrainer")
         tok = trainer_inputs("ORPOTrainer", tokenizer, processing_class, train_dataset)
-        train_dataset = self._tokenize(train_dataset, tok, args)
+        train_dataset = self._tokenize_pairs(train_dataset, tok, args)
         if eval_dataset is not None:
-            eval_dataset = self._tokenize(eval_dataset, tok, args)
+            eval_dataset = self._tokenize_pairs(eval_dataset, tok, args)
         if data_collator is None:
             data_collator = PreferenceCollator(pad_token_id=pad_token_id(tok), padding_free=args.padding_free)
         super().__init__(
@@ -91,20 +89,6 @@ class ORPOTrainer(PreferenceTrainer):
             eval_dataset=eval_dataset,
             data_collator=data_collator,
             **kwargs,
-        )
-
-    @staticmethod
-    def _tokenize(dataset, tokenizer, args: ORPOConfig) -> datasets.Dataset:
-        if isinstance(dataset, datasets.Dataset) and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(
-            dataset.column_names
-        ):
-            return dataset
-        return tokenize_preference_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            num_proc=args.dataset_num_proc,
-            drop_truncated=args.drop_truncated,
         )
 
     def step_shape(self) -> tuple[int, int]:

@@ -6,7 +6,10 @@ from collections import defaultdict
 
 import torch
 
+import datasets
+
 from engine.training.base import EngineTrainer
+from engine.training.preference_data import tokenize_preference_dataset
 
 
 class PreferenceTrainer(EngineTrainer):
@@ -19,6 +22,22 @@ class PreferenceTrainer(EngineTrainer):
     def __init__(self, *args, **kwargs):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def _tokenize_pairs(dataset, tokenizer, args, truncation_mode: str = "keep_start") -> datasets.Dataset:
+        """Paired ``prompt``/``chosen``/``rejected`` rows tokenized as DPO does (already tokenized rows pass)."""
+        if isinstance(dataset, datasets.Dataset) and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(
+            dataset.column_names
+        ):
+            return dataset
+        return tokenize_preference_dataset(
+            dataset,
+            tokenizer,
+            max_length=args.max_length,
+            truncation_mode=truncation_mode,
+            num_proc=args.dataset_num_proc,
+            drop_truncated=args.drop_truncated,
+        )
 
     def record(self, split: str, metrics: dict[str, float]) -> None:
         """Append one batch's ``metrics`` to ``split`` (``"train"`` or ``"eval"``)."""
