@@ -45,7 +45,7 @@ test-fast: setup
 
 # Compile every Triton kernel for sm_80/86/89/90 and fail on register spills (no GPU needed).
 audit: setup
-	env -u TRITON_INTERPRET $(PY) -m kernels.audit
+	env -u TRITON_INTERPRET $(PY) -m engine_kernels.audit
 
 # On a CUDA GPU, one command (< 5 min): every Triton kernel vs its reference, training throughput (MFU) and memory,
 # planned vs measured long-context peak, smart checkpointing; writes benchmarks/results/gpu-check.json as it goes.

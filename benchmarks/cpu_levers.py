@@ -8,7 +8,7 @@ Run from the repository root (about 6 minutes on 2 CPU cores)::
 Same model, data and batches as ``benchmarks/run.py`` (the first conversations of the shipped SFT data, 8 per
 step, one padding-free row), a plain training loop (forward, backward, AdamW step), no checkpointing. Configurations:
 
-* ``compiled ops``: the default (:mod:`kernels.cpu_fusion`);
+* ``compiled ops``: the default (:mod:`engine_kernels.cpu_fusion`);
 * ``eager ops``: without the fused CPU elementwise ops;
 * ``compiled ops, denormals flushed``: with the opt-in ``flush_denormals`` (:mod:`engine.runtime`).
 
@@ -16,7 +16,7 @@ Every configuration trains on the same batches; the configurations take turns (`
 keeps training), so that a slow phase of the machine or of training does not land on one configuration only.
 
 It also times attention alone (forward + backward of one layer on the step's documents): one SDPA call per document
-(the CPU path) against the padded batches of :class:`kernels.attention.PackedLayout` (CUDA's PyTorch path).
+(the CPU path) against the padded batches of :class:`engine_kernels.attention.PackedLayout` (CUDA's PyTorch path).
 Results: ``benchmarks/results/cpu-levers.json`` and ``.md``.
 """
 
@@ -47,7 +47,7 @@ CONFIGS = [
 
 
 def batches(tokenizer, batch_size: int, n: int):
-    from data.load import load_jsonl
+    from engine.data.load import load_jsonl
     from engine.training.collators import PaddingFreeCollator
 
     rows = load_jsonl("train", "sft")[: batch_size * n]
@@ -75,7 +75,7 @@ def time_training(model, opt, data, warmup: int) -> tuple[list[float], list[int]
 
 def time_attention(lengths, heads: int, kv_heads: int, head_dim: int, repeats: int = 10) -> dict:
     """Forward + backward of one layer's attention over the documents, per-document calls vs padded batches."""
-    from kernels.attention import _packed_sdpa_attention, _per_document_attention, packed_layout
+    from engine_kernels.attention import _packed_sdpa_attention, _per_document_attention, packed_layout
 
     g = torch.Generator().manual_seed(0)
     s = sum(lengths)
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     from engine import FastModel
     from engine.assets import smollm2_gguf_path
     from engine.runtime import flush_denormals
-    from kernels.cpu_fusion import ENV_VAR
+    from engine_kernels.cpu_fusion import ENV_VAR
 
     model, tokenizer = FastModel.from_pretrained(str(smollm2_gguf_path()), max_seq_length=2048, verbose=False)
     model = FastModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, use_gradient_checkpointing=False,

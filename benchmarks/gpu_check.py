@@ -28,7 +28,7 @@ still run):
    at SmolLM2-135M shapes and (budget permitting) Llama-3.1-8B shapes: rms_norm, rope, swiglu, fused linear
    cross-entropy, token_log_probs, NF4 dequantization (bit-exact against the PyTorch path), lora_linear and the
    fused LoRA Functions (dense and NF4 base), the tiled MLP, flash attention varlen (packed documents, GQA,
-   sliding window) and the attention dispatch. ``kernels.dispatch.record_backends()`` shows which path each op
+   sliding window) and the attention dispatch. ``engine_kernels.dispatch.record_backends()`` shows which path each op
    took; each check records max abs / rel error, tolerance, pass/fail and the time (ms) of the op vs its reference.
 2. ``training``: a randomly initialised SmolLM2-135M-shaped Llama (the published sizes from
    ``engine/memory/configs.py``), saved as a Hugging Face folder and loaded by ``FastModel.from_pretrained``,
@@ -480,8 +480,8 @@ def environment(device, original_env: dict) -> dict:
             ),
         }
     try:
-        from kernels._triton import HAS_TRITON, interpreting
-        from kernels.dispatch import describe_backends
+        from engine_kernels._triton import HAS_TRITON, interpreting
+        from engine_kernels.dispatch import describe_backends
 
         env["kernels"] = {
             "has_triton": HAS_TRITON,
@@ -533,11 +533,11 @@ def op_check(
 
     ``inputs`` are tensors; floating ones in ``grad_names`` order receive gradients (``grad_outputs`` given).
     Returns the check's fields: ``comparisons`` (per output / gradient), ``backends`` (recorded by
-    ``kernels.dispatch.record_backends``), ``passed``, ``triton_ms`` / ``reference_ms`` (forward + backward).
+    ``engine_kernels.dispatch.record_backends``), ``passed``, ``triton_ms`` / ``reference_ms`` (forward + backward).
     """
     import torch
 
-    from kernels.dispatch import record_backends
+    from engine_kernels.dispatch import record_backends
 
     want_grad = grad_outputs is not None
     xs = _leaves(inputs, want_grad)
@@ -619,14 +619,14 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
     """
     import torch
 
-    from kernels.attention import attention
-    from kernels.cross_entropy import (
+    from engine_kernels.attention import attention
+    from engine_kernels.cross_entropy import (
         FusedLinearCrossEntropyTritonFunction,
         cross_entropy_reference,
         fused_linear_cross_entropy,
     )
-    from kernels.flash_attention import FlashAttentionFunction, flash_attention_reference, flash_attention_varlen
-    from kernels.lora_fused import (
+    from engine_kernels.flash_attention import FlashAttentionFunction, flash_attention_reference, flash_attention_varlen
+    from engine_kernels.lora_fused import (
         DequantWorkspace,
         LoRAMLPFunction,
         LoRAProjectionsFunction,
@@ -638,13 +638,13 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
         reference_o,
         reference_qkv,
     )
-    from kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
-    from kernels.nf4 import _nf4_dequantize_torch, nf4_dequantize, nf4_quantize
-    from kernels.rms_norm import RMSNormTritonFunction, rms_norm, rms_norm_reference
-    from kernels.rope import RoPETritonFunction, rope, rope_cos_sin, rope_reference
-    from kernels.swiglu import SwiGLUTritonFunction, swiglu, swiglu_reference
-    from kernels.tiled_mlp import TiledMLPFunction, tiled_lora_mlp
-    from kernels.token_log_probs import linear_token_log_probs, token_log_probs_reference
+    from engine_kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
+    from engine_kernels.nf4 import _nf4_dequantize_torch, nf4_dequantize, nf4_quantize
+    from engine_kernels.rms_norm import RMSNormTritonFunction, rms_norm, rms_norm_reference
+    from engine_kernels.rope import RoPETritonFunction, rope, rope_cos_sin, rope_reference
+    from engine_kernels.swiglu import SwiGLUTritonFunction, swiglu, swiglu_reference
+    from engine_kernels.tiled_mlp import TiledMLPFunction, tiled_lora_mlp
+    from engine_kernels.token_log_probs import linear_token_log_probs, token_log_probs_reference
 
     bf16 = torch.bfloat16
     gen = torch.Generator(device="cpu")
@@ -743,7 +743,7 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
         return weight, a, b
 
     def lora_linear_case(tokens, in_f, out_f, base):
-        """One projection through kernels.lora_linear, LoRA A/B in fp32 as the engine keeps them."""
+        """One projection through engine_kernels.lora_linear, LoRA A/B in fp32 as the engine keeps them."""
         def run():
             weight, a, b = projection(out_f, in_f, base, 50)
             gen.manual_seed(51)
@@ -818,7 +818,7 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
             do = randn(total, heads, head_dim)
             cu, scale = _cu_seqlens(docs, device), head_dim**-0.5
 
-            def sdpa(t):  # the PyTorch path of kernels.attention (SDPA over the documents)
+            def sdpa(t):  # the PyTorch path of engine_kernels.attention (SDPA over the documents)
                 with env_var("ENGINE_KERNELS", "torch"):
                     qb, kb, vb = (x.transpose(0, 1)[None] for x in t)
                     out = attention(qb, kb, vb, scale=scale, doc_lengths=tuple(docs), sliding_window=window)
@@ -831,14 +831,14 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
                 reference=lambda t: flash_attention_reference(t[0], t[1], t[2], cu, scale=scale, sliding_window=window),
                 out_names=["out"], grad_outputs=[do], grad_names=["dq", "dk", "dv"], reduction=["dq", "dk", "dv"],
                 expect_function=FlashAttentionFunction, extra_timings={"torch_path": sdpa})
-            result["path"] = "kernels.flash_attention.flash_attention_varlen (Triton, called directly)"
+            result["path"] = "engine_kernels.flash_attention.flash_attention_varlen (Triton, called directly)"
             return result
         return run
 
     def dispatch_case(batch, docs, heads, kv_heads, head_dim, window, force):
-        """kernels.attention.attention (automatic or forced Triton) against its PyTorch (SDPA) path."""
+        """engine_kernels.attention.attention (automatic or forced Triton) against its PyTorch (SDPA) path."""
         def run():
-            from kernels.dispatch import attention_backend
+            from engine_kernels.dispatch import attention_backend
 
             gen.manual_seed(8)
             seq = sum(docs)
@@ -950,7 +950,7 @@ def kernel_cases(device, quick: bool = False, tiny: bool = False) -> tuple[list,
 
 def section_kernels(sec: dict, ctx: Context) -> None:
     """Every kernel against its reference on CUDA (see the module docstring)."""
-    from kernels._triton import HAS_TRITON, interpreting
+    from engine_kernels._triton import HAS_TRITON, interpreting
 
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: the Triton kernels cannot run (pip install triton)")
@@ -1156,7 +1156,7 @@ def section_training(sec: dict, ctx: Context) -> None:
     """The engine (without / with gradient checkpointing) and, with trl installed, Hugging Face on the same rows."""
     from benchmarks.flops import matmul_ceiling
     from engine import FastModel
-    from kernels.dispatch import record_backends
+    from engine_kernels.dispatch import record_backends
 
     a = ctx.args
     folder = ctx.model_folder()
@@ -1373,7 +1373,7 @@ def section_smart(sec: dict, ctx: Context) -> None:
     if not cuda:
         sec["setup"]["cpu"] = ("no CUDA: smart's offload copy path is forced (_force_copy: plain host copies, "
                                "no streams); no VRAM to measure")
-    from kernels.dispatch import attention_backend
+    from engine_kernels.dispatch import attention_backend
 
     backend = attention_backend(ctx.device, ctx.dtype)
     # flash-attn's (and possibly xformers') backward accumulates dQ with atomics: gradients then differ from run

@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from data.rewards import addition_prompts, addition_reward, completion_text, concise_reward, correct_reward  # noqa: E402
+from engine.data.rewards import addition_prompts, addition_reward, completion_text, concise_reward, correct_reward  # noqa: E402
 
 
 def sample_completions(model, tokenizer, rows: list[dict], generations: int, max_new_tokens: int, temperature: float,

@@ -24,7 +24,7 @@ logits, which its peak memory shows.
 Without a CUDA GPU nothing is timed and nothing is written: the script says so and exits with
 status 0. Correctness of the kernels is covered on CPU by the interpreter tests (``pytest
 tests/kernels``, Triton under ``TRITON_INTERPRET=1``) and, for GPU compilation, by ``python -m
-kernels.audit``.
+engine_kernels.audit``.
 
 Results: the table is printed and written with the run's metadata (GPU name, torch / triton
 versions, date, rows) to ``benchmarks/results/kernels-<gpu>.json`` (``--out``), with ``.md``
@@ -54,22 +54,22 @@ ROOT = HERE.parent
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreting
-from kernels.cross_entropy import (
+from engine_kernels._triton import HAS_TRITON, interpreting
+from engine_kernels.cross_entropy import (
     FusedLinearCrossEntropyFunction,
     FusedLinearCrossEntropyTritonFunction,
     cross_entropy_reference,
 )
-from kernels.nf4 import NF4_CODE, NF4Weight, _nf4_dequantize_torch, nf4_quantize
-from kernels.nf4_triton import nf4_dequantize_triton
-from kernels.rms_norm import RMSNormFunction, RMSNormTritonFunction, rms_norm_reference
-from kernels.rope import RoPEFunction, RoPETritonFunction, rope_cos_sin, rope_reference
-from kernels.swiglu import SwiGLUFunction, SwiGLUTritonFunction, swiglu_reference
+from engine_kernels.nf4 import NF4_CODE, NF4Weight, _nf4_dequantize_torch, nf4_quantize
+from engine_kernels.nf4_triton import nf4_dequantize_triton
+from engine_kernels.rms_norm import RMSNormFunction, RMSNormTritonFunction, rms_norm_reference
+from engine_kernels.rope import RoPEFunction, RoPETritonFunction, rope_cos_sin, rope_reference
+from engine_kernels.swiglu import SwiGLUFunction, SwiGLUTritonFunction, swiglu_reference
 
 RESULTS = ROOT / "benchmarks" / "results"
 MIB = 1024 * 1024
 
-#: Ops this benchmark covers (the ops of :mod:`kernels.dispatch` that have a Triton kernel).
+#: Ops this benchmark covers (the ops of :mod:`engine_kernels.dispatch` that have a Triton kernel).
 OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "nf4_dequantize")
 #: Providers, the first being the baseline of the speedups.
 PROVIDERS = ("reference", "torch", "triton")
@@ -83,7 +83,7 @@ NO_GPU_MESSAGE = (
     "timed and no result file was written.\n"
     "Correctness of the kernels is covered without a GPU by the interpreter tests "
     "(`python -m pytest tests/kernels`, Triton under TRITON_INTERPRET=1) and their compilation for GPU "
-    "targets by `python -m kernels.audit`."
+    "targets by `python -m engine_kernels.audit`."
 )
 
 
@@ -179,7 +179,7 @@ def _randn(shape, dtype, device, gen, scale=1.0, offset=0.0, requires_grad=False
 
 
 def nf4_dequantize_naive(w: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """Straightforward PyTorch dequantization, the formula of :mod:`kernels.nf4` op by op.
+    """Straightforward PyTorch dequantization, the formula of :mod:`engine_kernels.nf4` op by op.
 
     Unpacks the nibbles (high first), looks up ``NF4_CODE``, repeats each block scale over its block,
     multiplies in fp32 and casts: the temporaries a direct implementation makes.

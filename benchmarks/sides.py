@@ -68,7 +68,7 @@ def bf16_supported(device: str) -> bool:
 
 def training_rows(limit: int) -> list[dict]:
     """The shipped instruction data as conversations (one ``messages`` column)."""
-    from data.load import load_jsonl
+    from engine.data.load import load_jsonl
 
     return [{"messages": row["messages"]} for row in load_jsonl("train", "sft")[:limit]]
 

@@ -4,7 +4,7 @@ Gemma 3's 262,144-token vocabulary (hidden 1,152 as Gemma-3-1B) and Gemma 2's 25
 soft-cap (30, hidden 2,304 as Gemma-2-2B): for each number of tokens in a step, the peak memory that one loss
 forward + backward adds on top of the inputs, on this CPU, bf16:
 
-* ``fused``: :func:`kernels.fused_linear_cross_entropy` (logits exist one chunk at a time);
+* ``fused``: :func:`engine_kernels.fused_linear_cross_entropy` (logits exist one chunk at a time);
 * ``logits``: what a plain causal-LM head does (``[N, V]`` logits, soft-capped, upcast to fp32, cross-entropy).
 
 The output head is frozen (LoRA/QLoRA). Each measurement runs in its own process: the peak RSS (reset once the
@@ -51,7 +51,7 @@ def measure(side: str, vocab: int, hidden: int, softcap: float | None, tokens: i
     """
     import torch
 
-    from kernels import fused_linear_cross_entropy
+    from engine_kernels.cross_entropy import fused_linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(tokens, hidden, generator=g) * 0.5).to(torch.bfloat16).requires_grad_(True)

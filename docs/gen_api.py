@@ -42,9 +42,9 @@ class Entry:
 
 
 def _kernel_entries() -> list[Entry]:
-    import kernels
+    import engine_kernels.api
 
-    return [Entry(f"kernels.{name}", first_paragraph=True) for name in sorted(kernels.__all__)]
+    return [Entry(f"engine_kernels.api.{name}", first_paragraph=True) for name in sorted(engine_kernels.api.__all__)]
 
 
 def _error_entries() -> list[Entry]:
@@ -135,8 +135,8 @@ SECTIONS: list[tuple[str, str, object]] = [
     (
         "Kernels",
         (
-            "The public API of the `kernels` package (`kernels.__all__`): signature and first paragraph of each "
-            "docstring. See [kernels](kernels.md) for what each op saves and how the implementation is chosen."
+            "The public ops of `kernels/`, imported as `engine_kernels` (`engine_kernels.api.__all__`): signature and "
+            "first paragraph of each docstring. See [kernels](kernels.md) for what each op saves and how the implementation is chosen."
         ),
         _kernel_entries,
     ),
@@ -146,7 +146,7 @@ SECTIONS: list[tuple[str, str, object]] = [
 # ---------------------------------------------------------------------------------------------- import
 def resolve(name: str):
     """The object a dotted name refers to: attributes from the top-level package down, importing a
-    submodule where a module has no such attribute (so ``kernels.rope`` is the function the package
+    submodule where a module has no such attribute (so ``engine_kernels.api.rope`` is the function the module
     exports, not the module of the same name).
 
     Raises:

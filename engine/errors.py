@@ -6,7 +6,7 @@ without catching unrelated bugs.
 """
 
 
-from kernels.errors import ConfigurationError, EngineError
+from engine_kernels.errors import ConfigurationError, EngineError
 
 __all__ = [
     "CheckpointError",

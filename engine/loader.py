@@ -311,8 +311,8 @@ class FastModel:
             tiled_mlp: compute each decoder layer's MLP in tiles of rows during training, so that it saves
                 only its input for backward and one tile's ``[rows, intermediate]`` activations exist at a
                 time (costs one extra MLP forward per step; see :meth:`set_tiled_mlp`). ``False``/``0``: off;
-                ``True``: tiles of :func:`kernels.tiled_mlp.default_tile_rows` rows; ``"auto"``: about 16 tiles
-                per sequence (:func:`kernels.tiled_mlp.auto_tile_rows`); an int: that many rows.
+                ``True``: tiles of :func:`engine_kernels.tiled_mlp.default_tile_rows` rows; ``"auto"``: about 16 tiles
+                per sequence (:func:`engine_kernels.tiled_mlp.auto_tile_rows`); an int: that many rows.
             memory_budget_gb (float, optional): with ``use_gradient_checkpointing="auto"``, the memory (GiB) a
                 training step may use in all, weights included, compared with the planned peak. Default: the
                 model's own memory plus 80% of what is free now (free CUDA memory on a GPU, ``MemAvailable`` on
@@ -358,7 +358,7 @@ class FastModel:
 
     @staticmethod
     def set_tiled_mlp(model: CausalLM, tiled_mlp: bool | int | str) -> None:
-        """Turn the tiled MLP (:mod:`kernels.tiled_mlp`) on or off for every decoder layer.
+        """Turn the tiled MLP (:mod:`engine_kernels.tiled_mlp`) on or off for every decoder layer.
 
         In training, an MLP whose input has more tokens (``batch * sequence``) than the tile runs tile by tile:
         it saves only its input ``x`` for backward (not ``g``, ``u``: ``2 * intermediate`` values per token and
@@ -369,9 +369,9 @@ class FastModel:
         Args:
             model: from :meth:`from_pretrained`.
             tiled_mlp: ``False`` or ``0``: off. ``True``: tiles of
-                :func:`kernels.tiled_mlp.default_tile_rows` rows for the model's hidden and intermediate sizes
+                :func:`engine_kernels.tiled_mlp.default_tile_rows` rows for the model's hidden and intermediate sizes
                 (e.g. 8192 for Llama-3.1-8B). ``"auto"``: about 16 tiles per sequence, at least 1024 rows each
-                (:func:`kernels.tiled_mlp.auto_tile_rows`; the memory-lean choice for long contexts). A positive
+                (:func:`engine_kernels.tiled_mlp.auto_tile_rows`; the memory-lean choice for long contexts). A positive
                 int: that many rows per tile.
 
         Sets ``layer.mlp.tile_rows`` of every layer and ``model.tiled_mlp`` (the rows per tile, ``None`` when off).
@@ -544,7 +544,7 @@ checkpointing.register_auto_resolver(_resolve_auto_at_forward)
 
 def _tile_rows(model: CausalLM, tiled_mlp) -> int | str | None:
     """Rows per MLP tile for ``tiled_mlp`` (``"auto"``, or ``None`` when off); see :meth:`FastModel.set_tiled_mlp`."""
-    from kernels.tiled_mlp import default_tile_rows
+    from engine_kernels.tiled_mlp import default_tile_rows
 
     if tiled_mlp == "auto":
         return "auto"
@@ -565,7 +565,7 @@ FastLanguageModel = FastModel
 
 def _kernel_summary(device, dtype) -> str:
     """``"kernels: Triton for rms_norm, rope, ...; PyTorch for the rest"`` (and a named attention package)."""
-    from kernels import describe_backends
+    from engine_kernels.dispatch import describe_backends
 
     backends = describe_backends(device, dtype)
     attention = backends["attention"]
@@ -577,7 +577,7 @@ def _kernel_summary(device, dtype) -> str:
     triton_ops = [op for op, backend in backends.items() if backend == "triton"]
     if not triton_ops:
         return f"kernels: PyTorch{package}"
-    from kernels._triton import interpreting
+    from engine_kernels._triton import interpreting
 
     where = " (Triton's CPU interpreter: slow, for testing)" if interpreting() else ""
     return f"kernels: Triton{where} for {', '.join(triton_ops)}; PyTorch for the rest{package}"

@@ -1,7 +1,7 @@
 """LoRA adapters on our model: adding them, switching them off, and PEFT-format state dicts.
 
 The adapter itself (weights, forward, backward) lives in :class:`engine.modules.linear.Linear`
-and :mod:`kernels.lora_linear`; this module decides *where* adapters go.
+and :mod:`engine_kernels.lora_linear`; this module decides *where* adapters go.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Launching the elementwise GLU kernels (SwiGLU in :mod:`kernels.swiglu`, GeGLU in :mod:`kernels.geglu`).
+"""Launching the elementwise GLU kernels (SwiGLU in :mod:`engine_kernels.swiglu`, GeGLU in :mod:`engine_kernels.geglu`).
 
 Both ops have the same kernel signatures (forward ``(G, U, H, n, BLOCK)``, backward ``(DH, G, U, DG, DU, n,
 BLOCK)``), grid and launch settings; only the math inside the kernels differs. This module holds the launch and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, launchable
+from engine_kernels._triton import AuditLaunch, cdiv, dtype_signature, launchable
 
 #: Elements per program and warps: 4 elements per thread, enough in flight to saturate memory bandwidth.
 BLOCK = 1024

@@ -2,7 +2,7 @@
 
 ``triton`` is a dependency on Linux only. Kernel files import ``triton``, ``tl`` and :func:`jit` from
 here, so they import (and their PyTorch paths run) where triton is missing; the Triton path is then
-simply unavailable (:data:`HAS_TRITON` is False and :mod:`kernels.dispatch` never selects it).
+simply unavailable (:data:`HAS_TRITON` is False and :mod:`engine_kernels.dispatch` never selects it).
 
 Interpreter mode: Triton's interpreter (``TRITON_INTERPRET=1``) runs kernels on CPU tensors with
 numpy. It must be on when the ``@jit`` decorators run, i.e. before any kernel file is imported.
@@ -12,7 +12,7 @@ the test suite does the same from ``tests/conftest.py``.
 
 Audit: each kernel file lists the launches it makes for representative model shapes as
 :class:`AuditLaunch` records (``audit_launches()``), built from the same launch-configuration
-helpers its wrappers use; ``python -m kernels.audit`` compiles them for real GPU targets.
+helpers its wrappers use; ``python -m engine_kernels.audit`` compiles them for real GPU targets.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def tanh(x):
 
 def launchable(*tensors) -> bool:
     """False when a tensor is a ``meta`` (shape-only) tensor: memory planning runs the launch wrappers,
-    which allocate their outputs as usual, but no kernel is launched (see :func:`kernels.dispatch.simulate_gpu`)."""
+    which allocate their outputs as usual, but no kernel is launched (see :func:`engine_kernels.dispatch.simulate_gpu`)."""
     return not any(t is not None and t.device.type == "meta" for t in tensors)
 
 
@@ -78,7 +78,7 @@ def multiprocessor_count(device) -> int:
     """SMs of a CUDA device (of the simulated GPU for ``meta`` tensors); 4 programs' worth elsewhere."""
     import torch
 
-    from kernels.dispatch import simulated_gpu
+    from engine_kernels.dispatch import simulated_gpu
 
     device = torch.device(device)
     if device.type == "cuda":

@@ -25,7 +25,7 @@ scores at a time) with a hand-written backward that recomputes each chunk's scor
 ``q``, ``k`` and the saved log-sum-exp (``d s / d raw = 1 - tanh^2``). It supports every
 option above; packed documents (``doc_lengths``) are attended one document at a time.
 The GPU backends take the softcap natively: our Triton flash attention, and flash-attn 2.6+
-(xformers cannot, so it is never chosen with a softcap; see :mod:`kernels.dispatch`).
+(xformers cannot, so it is never chosen with a softcap; see :mod:`engine_kernels.dispatch`).
 
 The PyTorch path calls ``scaled_dot_product_attention`` (flash/efficient kernels
 where available, fused backward). It takes the plain causal fast path when
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels.dispatch import attention_backend
+from engine_kernels.dispatch import attention_backend
 
 #: Scores (``batch * heads * chunk * keys``) one chunk of :class:`SoftcapAttentionFunction` holds; a handful of
 #: fp32 buffers of this size (64 MiB each) exist at a time, whatever the sequence length.
@@ -501,7 +501,7 @@ def _varlen_attention(backend, q, k, v, lengths, scale, sliding_window, softcap=
 
 
 def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
-    from kernels.flash_attention import flash_attention_varlen
+    from engine_kernels.flash_attention import flash_attention_varlen
 
     return flash_attention_varlen(q, k, v, cu_seqlens, max_len, scale=scale, causal=True, sliding_window=window,
                                   softcap=softcap)
@@ -509,7 +509,7 @@ def _triton_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap
 
 def _flash_attn_varlen(q, k, v, cu_seqlens, max_len, lengths, scale, window, softcap):
     """The ``flash-attn`` package (GQA native; a window of ``w`` keys is ``window_size=(w - 1, 0)``; ``softcap``
-    from 2.6, which :mod:`kernels.dispatch` checks before choosing it)."""
+    from 2.6, which :mod:`engine_kernels.dispatch` checks before choosing it)."""
     from flash_attn import flash_attn_varlen_func
 
     window_size = (window - 1, 0) if window is not None else (-1, -1)

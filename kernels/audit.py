@@ -1,6 +1,6 @@
 """Ahead-of-time audit of every Triton kernel for real GPUs, without a GPU.
 
-``python -m kernels.audit`` compiles each kernel in the launch configurations its wrapper picks for
+``python -m engine_kernels.audit`` compiles each kernel in the launch configurations its wrapper picks for
 representative model shapes (each kernel file's ``audit_launches()``) for sm_80 (A100), sm_86
 (RTX 30xx), sm_89 (RTX 40xx / L4) and sm_90 (H100) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, reads the resource usage of
@@ -31,13 +31,13 @@ from pathlib import Path
 
 #: Modules whose ``audit_launches()`` list the kernels to audit.
 KERNEL_MODULES = (
-    "kernels.rms_norm",
-    "kernels.rope",
-    "kernels.swiglu",
-    "kernels.geglu",
-    "kernels.cross_entropy",
-    "kernels.nf4_triton",
-    "kernels.flash_attention",
+    "engine_kernels.rms_norm",
+    "engine_kernels.rope",
+    "engine_kernels.swiglu",
+    "engine_kernels.geglu",
+    "engine_kernels.cross_entropy",
+    "engine_kernels.nf4_triton",
+    "engine_kernels.flash_attention",
 )
 
 #: Compute capability -> (name, max shared memory per block in bytes with opt-in, registers per SM).
@@ -111,7 +111,7 @@ def problems_of(registers: int, spill: int, stack: int, shared: int, num_warps: 
 
 
 def compile_launch(launch, cc: int) -> AuditRow:
-    """Compile one :class:`~kernels._triton.AuditLaunch` for compute capability ``cc`` and measure it."""
+    """Compile one :class:`~engine_kernels._triton.AuditLaunch` for compute capability ``cc`` and measure it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -198,7 +198,7 @@ def format_markdown(rows: list[AuditRow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.audit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine_kernels.audit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default=",".join(str(cc) for cc in TARGETS), help="compute capabilities")
     parser.add_argument("--ops", default=None, help="comma-separated ops (default: all)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table as markdown here")

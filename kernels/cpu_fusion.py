@@ -35,7 +35,7 @@ from collections.abc import Callable
 
 import torch
 
-from kernels.errors import ConfigurationError
+from engine_kernels.errors import ConfigurationError
 
 ENV_VAR = "ENGINE_CPU_COMPILE"
 MIN_ENV_VAR = "ENGINE_CPU_COMPILE_MIN_ELEMENTS"

@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tanh, tl
-from kernels.cpu_fusion import cpu_fused
-from kernels.dispatch import select_backend
+from engine_kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tanh, tl
+from engine_kernels.cpu_fusion import cpu_fused
+from engine_kernels.dispatch import select_backend
 
 #: Target number of fp32 logits per chunk (64 MiB): big enough for efficient matmuls, small next to a model.
 CHUNK_LOGITS = 1 << 24
@@ -255,7 +255,7 @@ def _launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
     (32 warps): one row per program leaves about one program per multiprocessor (a chunk has
     ~``2**24 / V`` rows), so each program needs many warps to keep enough loads in flight. The
     values are computed in fp32 whatever ``dtype`` stores them, so the register need (at most 46
-    per thread, no spills on sm_80..sm_90, checked by :mod:`kernels.audit`) and hence the choice
+    per thread, no spills on sm_80..sm_90, checked by :mod:`engine_kernels.audit`) and hence the choice
     do not depend on it; 16384 logits per block spill on sm_86..sm_90.
     """
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):

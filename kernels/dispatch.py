@@ -10,7 +10,7 @@ documented switch, the ``ENGINE_KERNELS`` environment variable:
 * ``torch``: always the PyTorch implementation;
 * ``triton``: Triton for every op that has a Triton kernel, on any device; on a
   machine without CUDA the kernels run under Triton's CPU interpreter
-  (``TRITON_INTERPRET=1``, which :mod:`kernels._triton` turns on when this is set
+  (``TRITON_INTERPRET=1``, which :mod:`engine_kernels._triton` turns on when this is set
   before the kernels are imported). Ops without a Triton kernel run PyTorch.
 
 Both paths compute the same math. :func:`describe_backends` says which one each op
@@ -19,7 +19,7 @@ would take; :func:`record_backends` records which one each op actually took.
 Memory planning (:mod:`engine.memory`) runs the model on fake ``meta`` tensors. Inside
 :func:`simulate_gpu`, ``meta`` tensors stand for tensors on a CUDA GPU: every decision here is
 taken as on that GPU (Triton kernels, our flash attention), and the Triton launch wrappers
-allocate their outputs but launch nothing (:func:`kernels._triton.launchable`).
+allocate their outputs but launch nothing (:func:`engine_kernels._triton.launchable`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels._triton import HAS_TRITON, interpreting
-from kernels.errors import ConfigurationError
+from engine_kernels._triton import HAS_TRITON, interpreting
+from engine_kernels.errors import ConfigurationError
 
 ENV_VAR = "ENGINE_KERNELS"
 CHOICES = ("auto", "torch", "triton")

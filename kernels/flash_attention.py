@@ -36,7 +36,7 @@ inputs that is ``n_heads * (2 * d + 4)`` bytes per token in bf16 (8320 B for 32 
 ``[n, n]`` probabilities. The backward allocates delta (fp32, ``4 * n_heads`` B per token) and the gradients.
 
 Score soft-capping (Gemma 2, ``softcap = c``, constexpr ``HAS_SOFTCAP``): the scaled scores are capped before
-the mask and the softmax, ``s = c * tanh(scale * q . k / c)`` (``tanh`` from ``exp``, :func:`kernels._triton.tanh`);
+the mask and the softmax, ``s = c * tanh(scale * q . k / c)`` (``tanh`` from ``exp``, :func:`engine_kernels._triton.tanh`);
 the backward recomputes ``t = tanh(.)`` with ``P`` and multiplies ``dS`` by ``1 - t^2`` before ``dQ`` and ``dK``.
 
 Head dims 16..256: tiles are ``BLOCK_D = next_power_of_2(d)`` wide with the padded columns masked (80, 96 -> 128;
@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._triton import (
+from engine_kernels._triton import (
     AuditLaunch,
     cdiv,
     dtype_signature,
@@ -353,7 +353,7 @@ class LaunchConfig(NamedTuple):
 
 def _launch_config(head_dim: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles, warps and stages that fit 99 KiB of shared memory (sm_86/89) and compile without register spills
-    on sm_80/86/89/90 (``python -m kernels.audit``); the kernels need ~170-250 registers per thread.
+    on sm_80/86/89/90 (``python -m engine_kernels.audit``); the kernels need ~170-250 registers per thread.
 
     16-bit inputs, ``(block_m, block_n, warps, stages)``: forward 64 x 64 with 4 warps at ``BLOCK_D = 64``,
     64 x 32 with 8 warps at ``BLOCK_D = 128`` (d = 80, 96, 128); dK/dV 32 queries x 32 keys with 8 warps (it

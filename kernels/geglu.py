@@ -28,11 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels._glu_launch import BLOCK, launch_backward, launch_forward  # noqa: F401 (BLOCK: tests size inputs by it)
-from kernels._glu_launch import audit_launches as glu_audit_launches
-from kernels._triton import AuditLaunch, jit, tanh, tl
-from kernels.cpu_fusion import cpu_fused
-from kernels.dispatch import select_backend
+from engine_kernels._glu_launch import BLOCK, launch_backward, launch_forward  # noqa: F401 (BLOCK: tests size inputs by it)
+from engine_kernels._glu_launch import audit_launches as glu_audit_launches
+from engine_kernels._triton import AuditLaunch, jit, tanh, tl
+from engine_kernels.cpu_fusion import cpu_fused
+from engine_kernels.dispatch import select_backend
 
 #: ``sqrt(2 / pi)`` and the cubic coefficient of the tanh approximation.
 GELU_K = math.sqrt(2.0 / math.pi)
@@ -60,7 +60,7 @@ class GeGLUFunction(torch.autograd.Function):
 
 @cpu_fused
 def _geglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up`` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    """``gelu_tanh(gate) * up`` (one fused loop on CPU, :mod:`engine_kernels.cpu_fusion`)."""
     return F.gelu(gate, approximate="tanh") * up
 
 

@@ -2,9 +2,9 @@
 
 A GLU MLP computes ``down(act(gate(x)) * up(x))``. The activation is named as in the model configs:
 
-* ``"silu"``: SwiGLU, ``silu(gate) * up`` (Llama, Mistral, Qwen, Phi-3): :mod:`kernels.swiglu`;
+* ``"silu"``: SwiGLU, ``silu(gate) * up`` (Llama, Mistral, Qwen, Phi-3): :mod:`engine_kernels.swiglu`;
 * ``"gelu_tanh"``: GeGLU, ``gelu_tanh(gate) * up`` (Gemma 1/2/3, transformers' ``gelu_pytorch_tanh``):
-  :mod:`kernels.geglu`.
+  :mod:`engine_kernels.geglu`.
 
 Each name maps to the dispatched forward ``(gate, up) -> h``, the dispatched backward
 ``(dh, gate, up) -> (dgate, dup)`` (for fused Functions that recompute ``h``) and the plain PyTorch
@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.errors import ConfigurationError
-from kernels.geglu import geglu, geglu_backward, geglu_reference
-from kernels.swiglu import swiglu, swiglu_backward, swiglu_reference
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.geglu import geglu, geglu_backward, geglu_reference
+from engine_kernels.swiglu import swiglu, swiglu_backward, swiglu_reference
 
 
 class GLUOps(NamedTuple):

@@ -11,15 +11,15 @@ scale ``s_i`` and dropout ``p_i`` on the LoRA branch only (as PEFT: each adapter
 :class:`LoRAProjectionsFunction` runs 1..n projections of one input (Q/K/V: 3, O: 1). ``dx`` is one buffer
 accumulated with ``addmm_``; the LoRA ``A`` of the projections without dropout are concatenated, so their
 ``xa``, ``dA`` and LoRA part of ``dx`` take one matmul each. :class:`LoRAMLPFunction` runs
-``y = down(act(gate(x)) * up(x))`` with the GLU activation named by ``activation`` (:mod:`kernels.glu`:
+``y = down(act(gate(x)) * up(x))`` with the GLU activation named by ``activation`` (:mod:`engine_kernels.glu`:
 ``"silu"``, SwiGLU, the default; ``"gelu_tanh"``, GeGLU for Gemma); its backward recomputes ``h = act(g) * u``
-(only when ``dA_down`` is needed) and applies the matching backward (:mod:`kernels.swiglu` or
-:mod:`kernels.geglu`), e.g. for SwiGLU::
+(only when ``dA_down`` is needed) and applies the matching backward (:mod:`engine_kernels.swiglu` or
+:mod:`engine_kernels.geglu`), e.g. for SwiGLU::
 
     dh = dy @ W_d (+ LoRA of down)    du = dh * silu(g)    dg = dh * u * sig(g) * (1 + g * (1 - sig(g)))
 
 Base weights are never saved: they are dequantized (or cast) again in backward, each into a
-:class:`DequantWorkspace` buffer when one is given. NF4 dequantization is :func:`kernels.nf4.nf4_dequantize`
+:class:`DequantWorkspace` buffer when one is given. NF4 dequantization is :func:`engine_kernels.nf4.nf4_dequantize`
 (the Triton kernel on CUDA / ``ENGINE_KERNELS=triton``). Frozen tensors get no gradient.
 
 Saved for backward, bytes per token, Llama-3.1-8B dims (d 4096, q 4096, kv 1024, inter 14336, r 16, bf16),
@@ -34,7 +34,7 @@ LoRA on every projection; each tensor only when a gradient needs it (``x`` for `
          p > 0  + masks [d], [d], [inter]  = 88160   116832 (+ h)           153696 (+ silu(g), h*m/(1-p), and
                                                                                     x*m/(1-p) twice instead of x)
 
-(*) one :class:`~kernels.lora_linear.LoRALinearFunction` per projection and :class:`~kernels.swiglu.SwiGLUFunction`.
+(*) one :class:`~engine_kernels.lora_linear.LoRALinearFunction` per projection and :class:`~engine_kernels.swiglu.SwiGLUFunction`.
 (**) ``lora_linear_reference`` + ``swiglu_reference``: a frozen base ``F.linear`` saves only its weight, the
 LoRA ``F.linear`` its (dropped-out) input, ``x * m`` the bool mask, ``silu`` ``g``, the product ``silu(g)``
 and ``u``. Counted once per storage (autograd saves references: the ``x`` shared by q/k/v is one tensor).
@@ -55,16 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kernels.dispatch import select_backend
-from kernels.errors import ConfigurationError
-from kernels.lora_linear import lora_linear_reference
-from kernels.nf4 import NF4Weight, nf4_dequantize
-from kernels.glu import glu_ops
+from engine_kernels.dispatch import select_backend
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.lora_linear import lora_linear_reference
+from engine_kernels.nf4 import NF4Weight, nf4_dequantize
+from engine_kernels.glu import glu_ops
 
 __all__ = [  # noqa: RUF022 (grouped by role)
     "DequantWorkspace", "Projection", "LoRAProjectionsFunction", "LoRAQKVFunction", "LoRAMLPFunction",
     "dropout_masks", "lora_projections", "lora_qkv", "lora_o", "lora_mlp", "reference_qkv", "reference_o", "reference_mlp",
-    # shared with kernels.tiled_mlp
+    # shared with engine_kernels.tiled_mlp
     "from_2d", "lora_grads_needed", "prepare_inputs",
 ]
 
@@ -311,7 +311,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """``y = down(act(gate(x)) * up(x))`` with LoRA on each; see the module docstring.
 
     ``forward(x, (gate, up, down), workspace, activation, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)``;
-    ``activation`` is a name of :data:`kernels.glu.GLU_ACTIVATIONS` (``"silu"``, ``"gelu_tanh"``). Saves ``x``,
+    ``activation`` is a name of :data:`engine_kernels.glu.GLU_ACTIVATIONS` (``"silu"``, ``"gelu_tanh"``). Saves ``x``,
     ``g``, ``u``, the ``xa``'s and masks, not ``h`` (recomputed from ``g`` and ``u`` when ``dA_down`` needs it).
     """
 
@@ -428,7 +428,7 @@ def lora_mlp(
 ) -> torch.Tensor:
     """GLU MLP ``down(act(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]``.
 
-    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`kernels.glu`.
+    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`engine_kernels.glu`.
 
     Raises:
         ConfigurationError: an unknown ``activation``.

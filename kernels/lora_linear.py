@@ -1,6 +1,6 @@
 """Linear layer with a frozen (optionally NF4 4-bit) base weight and a LoRA branch: the single-projection reference.
 
-The engine runs every projection through :mod:`kernels.lora_fused` (one path, one Function per group of
+The engine runs every projection through :mod:`engine_kernels.lora_fused` (one path, one Function per group of
 projections that share an input); this module is the single-projection form the tests and the GPU check
 compare it with: an autograd Function with the same hand-written backward, and its plain-autograd oracle
 :func:`lora_linear_reference`.
@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import select_backend
-from kernels.errors import ConfigurationError
-from kernels.nf4 import NF4Weight, nf4_dequantize
+from engine_kernels.dispatch import select_backend
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.nf4 import NF4Weight, nf4_dequantize
 
 BaseWeight = torch.Tensor | NF4Weight
 
@@ -120,7 +120,7 @@ def lora_linear(
 
     Args:
         x (Tensor): input ``[..., in]``.
-        weight: frozen base weight ``[out, in]``: a tensor or an :class:`~kernels.nf4.NF4Weight`.
+        weight: frozen base weight ``[out, in]``: a tensor or an :class:`~engine_kernels.nf4.NF4Weight`.
         bias (Tensor, optional): frozen bias ``[out]``.
         lora_a (Tensor, optional): ``[r, in]`` (any float dtype; computed in ``x.dtype``).
         lora_b (Tensor, optional): ``[out, r]``.

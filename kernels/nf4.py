@@ -74,7 +74,7 @@ so every decoded absmax, becomes non-finite (as in bnb).
 
 Triton kernel
 -------------
-``nf4_dequantize`` runs :func:`kernels.nf4_triton.nf4_dequantize_triton` (its own file) when :mod:`kernels.dispatch` picks Triton
+``nf4_dequantize`` runs :func:`engine_kernels.nf4_triton.nf4_dequantize_triton` (its own file) when :mod:`engine_kernels.dispatch` picks Triton
 (CUDA tensors by default, or ``ENGINE_KERNELS=triton``). ``_nf4_dequant_kernel`` is one pass:
 each program takes ``BLOCK_BYTES`` packed bytes (``2 * BLOCK_BYTES`` values, whole blocks),
 reads each byte once, splits it into its two nibbles (high = even element), looks both codes
@@ -100,8 +100,8 @@ from typing import Any
 
 import torch
 
-from kernels.dispatch import select_backend
-from kernels.errors import ConfigurationError
+from engine_kernels.dispatch import select_backend
+from engine_kernels.errors import ConfigurationError
 
 __all__ = [
     "ABSMAX_BLOCKSIZE",
@@ -574,8 +574,8 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         ConfigurationError: ``dtype`` is not floating, or ``out`` has the wrong
             shape, dtype, device or layout.
 
-    The implementation is chosen by :func:`kernels.dispatch.select_backend`: the
-    Triton kernel (:func:`kernels.nf4_triton.nf4_dequantize_triton`, no temporaries) for float32 /
+    The implementation is chosen by :func:`engine_kernels.dispatch.select_backend`: the
+    Triton kernel (:func:`engine_kernels.nf4_triton.nf4_dequantize_triton`, no temporaries) for float32 /
     float16 / bfloat16 / float64 outputs, else the PyTorch code below.
     """
     if dtype is None:
@@ -600,7 +600,7 @@ def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None, out: torch.Te
         )
 
     if dtype in _TRITON_OUT_DTYPES and select_backend("nf4_dequantize", device) == "triton":
-        from kernels.nf4_triton import nf4_dequantize_triton  # the kernel file imports this one
+        from engine_kernels.nf4_triton import nf4_dequantize_triton  # the kernel file imports this one
 
         result = out if out is not None else torch.empty(shape, dtype=dtype, device=device)
         return nf4_dequantize_triton(w, dtype, result)

@@ -1,4 +1,4 @@
-"""The Triton NF4 dequantization kernel behind :func:`kernels.nf4.nf4_dequantize` (format and math: :mod:`kernels.nf4`).
+"""The Triton NF4 dequantization kernel behind :func:`engine_kernels.nf4.nf4_dequantize` (format and math: :mod:`engine_kernels.nf4`).
 
 One pass: each program takes ``BLOCK_BYTES`` packed bytes (whole blocks), reads each byte once, splits
 its two nibbles (high = even element), looks the codes up in the 16-entry table, decodes each block's
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, next_power_of_2, tl
-from kernels.nf4 import ABSMAX_BLOCKSIZE, NF4Weight, _table
+from engine_kernels._triton import AuditLaunch, cdiv, dtype_signature, jit, launchable, next_power_of_2, tl
+from engine_kernels.nf4 import ABSMAX_BLOCKSIZE, NF4Weight, _table
 
 #: Warps per program for weights large enough to fill them.
 _NUM_WARPS = 8

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import (
+from engine_kernels._triton import (
     AuditLaunch,
     cdiv,
     dtype_signature,
@@ -42,8 +42,8 @@ from kernels._triton import (
     next_power_of_2,
     tl,
 )
-from kernels.cpu_fusion import cpu_fused
-from kernels.dispatch import select_backend
+from engine_kernels.cpu_fusion import cpu_fused
+from engine_kernels.dispatch import select_backend
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -58,7 +58,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
 
 @cpu_fused
 def _rms_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, rstd)``: the forward of :class:`RMSNormFunction` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    """``(y, rstd)``: the forward of :class:`RMSNormFunction` (one fused loop on CPU, :mod:`engine_kernels.cpu_fusion`)."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if offset == 0.0:

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
-from kernels.cpu_fusion import cpu_fused
-from kernels.dispatch import select_backend
+from engine_kernels._triton import AuditLaunch, dtype_signature, jit, launchable, next_power_of_2, tl
+from engine_kernels.cpu_fusion import cpu_fused
+from engine_kernels.dispatch import select_backend
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class RoPEFunction(torch.autograd.Function):
 
 @cpu_fused
 def _rotate(x, cos, sin):
-    """``x * cos + rotate_half(x) * sin`` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    """``x * cos + rotate_half(x) * sin`` (one fused loop on CPU, :mod:`engine_kernels.cpu_fusion`)."""
     return x * cos + _rotate_half(x) * sin
 
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._glu_launch import BLOCK, launch_backward, launch_forward  # noqa: F401 (BLOCK: tests size inputs by it)
-from kernels._glu_launch import audit_launches as glu_audit_launches
-from kernels._triton import AuditLaunch, jit, tl
-from kernels.cpu_fusion import cpu_fused
-from kernels.dispatch import select_backend
+from engine_kernels._glu_launch import BLOCK, launch_backward, launch_forward  # noqa: F401 (BLOCK: tests size inputs by it)
+from engine_kernels._glu_launch import audit_launches as glu_audit_launches
+from engine_kernels._triton import AuditLaunch, jit, tl
+from engine_kernels.cpu_fusion import cpu_fused
+from engine_kernels.dispatch import select_backend
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
 @cpu_fused
 def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (one fused loop on CPU, :mod:`kernels.cpu_fusion`)."""
+    """``silu(gate) * up`` (one fused loop on CPU, :mod:`engine_kernels.cpu_fusion`)."""
     return F.silu(gate) * up
 
 

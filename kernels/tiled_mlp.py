@@ -1,6 +1,6 @@
 """The fused LoRA GLU MLP (SwiGLU or GeGLU) computed in tiles of rows, forward and backward ("tiled MLP").
 
-Same math as :class:`~kernels.lora_fused.LoRAMLPFunction` (see :mod:`kernels.lora_fused`), applied to
+Same math as :class:`~engine_kernels.lora_fused.LoRAMLPFunction` (see :mod:`engine_kernels.lora_fused`), applied to
 ``x [N, d]`` one tile of ``T`` rows at a time (the MLP is row-wise: row ``i`` of ``y`` depends on row ``i`` of
 ``x`` only)::
 
@@ -12,9 +12,9 @@ preallocated ``y [N, d_out]``. Backward recomputes each tile's forward *with* au
 so its own backward: ``h`` recomputed, the activation's backward, NF4 re-dequantized), takes
 ``torch.autograd.grad(y[t], [x[t], A_i, B_i], dy[t])``, writes ``dx[t]`` into one preallocated ``dx [N, d]``
 and accumulates the LoRA gradients over the tiles in fp32 (cast to the parameters' dtype at the end).
-LoRA dropout masks are drawn once for the whole ``x`` (as :func:`~kernels.lora_fused.lora_mlp` draws them,
+LoRA dropout masks are drawn once for the whole ``x`` (as :func:`~engine_kernels.lora_fused.lora_mlp` draws them,
 so the same generator state gives the same masks and the same result) and sliced per tile. The activation
-(``"silu"``: SwiGLU, default; ``"gelu_tanh"``: GeGLU) is passed through to every tile (:mod:`kernels.glu`).
+(``"silu"``: SwiGLU, default; ``"gelu_tanh"``: GeGLU) is passed through to every tile (:mod:`engine_kernels.glu`).
 
 Saved for backward: ``x [N, d]``, the dropout masks (bool ``[N, d]``, ``[N, d]``, ``[N, inter]``, only with
 ``p > 0``) and the LoRA ``A``/``B`` (parameters, referenced). Nothing of width ``intermediate``: the untiled
@@ -38,9 +38,9 @@ twice per tile in backward (recomputation and gradient) instead of once in each.
 anyway; tiling then still cuts the peak of the recomputed layer's backward from ``[N, inter]`` tensors to
 ``[T, inter]`` ones, at the price of a third MLP forward.
 
-Only frozen base weights (dense or NF4, through :class:`~kernels.lora_fused.Projection`) are supported, with or
+Only frozen base weights (dense or NF4, through :class:`~engine_kernels.lora_fused.Projection`) are supported, with or
 without LoRA: full fine-tuning (trainable dense weights) stays untiled, and :class:`Projection` rejects a
-trainable base. ``N <= tile_rows`` calls the untiled :func:`~kernels.lora_fused.lora_mlp` (identical result,
+trainable base. ``N <= tile_rows`` calls the untiled :func:`~engine_kernels.lora_fused.lora_mlp` (identical result,
 no overhead).
 """
 
@@ -51,9 +51,9 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.errors import ConfigurationError
-from kernels.glu import glu_ops
-from kernels.lora_fused import (
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.glu import glu_ops
+from engine_kernels.lora_fused import (
     DequantWorkspace,
     LoRAMLPFunction,
     Projection,
@@ -140,7 +140,7 @@ class TiledMLPFunction(torch.autograd.Function):
     """``y = down(act(gate(x)) * up(x))`` over ``x [N, d]`` in tiles of ``tile_rows`` rows; see the module docstring.
 
     ``forward(x, (gate, up, down), workspace, tile_rows, activation, a_g, b_g, m_g, a_u, b_u, m_u, a_d, b_d, m_d)``
-    (the arguments of :class:`~kernels.lora_fused.LoRAMLPFunction` plus ``tile_rows``; masks ``[N, in_i]`` or
+    (the arguments of :class:`~engine_kernels.lora_fused.LoRAMLPFunction` plus ``tile_rows``; masks ``[N, in_i]`` or
     ``None``) returns ``y [N, d_out]``. Saves ``x``, the masks and the LoRA A/B; no ``[N, intermediate]`` tensor.
     """
 
@@ -207,11 +207,11 @@ def tiled_lora_mlp(
 ) -> torch.Tensor:
     """GLU MLP ``down(act(gate(x)) * up(x))`` of ``x [..., d]`` -> ``[..., d_out]`` in tiles of rows.
 
-    Same arguments and result as :func:`~kernels.lora_fused.lora_mlp` (same dropout masks for the same
+    Same arguments and result as :func:`~engine_kernels.lora_fused.lora_mlp` (same dropout masks for the same
     ``generator`` state), with ``tile_rows`` rows per tile (``None``: :func:`default_tile_rows` of ``d`` and the
     gate's output width). Base weights must be frozen (dense or NF4), with or without LoRA; full fine-tuning is
-    not tiled. When ``x`` has at most ``tile_rows`` rows this is :func:`~kernels.lora_fused.lora_mlp` itself.
-    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`kernels.glu`.
+    not tiled. When ``x`` has at most ``tile_rows`` rows this is :func:`~engine_kernels.lora_fused.lora_mlp` itself.
+    ``activation``: ``"silu"`` (SwiGLU, the default) or ``"gelu_tanh"`` (GeGLU, Gemma); see :mod:`engine_kernels.glu`.
 
     Raises:
         ConfigurationError: ``tile_rows`` is not a positive int, or an unknown ``activation``.

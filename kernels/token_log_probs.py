@@ -29,7 +29,7 @@ So neither pass ever holds the full ``[N, V]`` logits. With a temperature ``T`` 
 divided by ``T`` before the softmax and ``dz`` is multiplied by ``1 / T`` before the soft-cap factor.
 
 :func:`linear_token_entropy` (no gradient) gives the entropy ``H_i = -Σ_v p_iv log p_iv`` of the same
-distribution per token, in the same ``[chunk, V]`` blocks. As in :mod:`kernels.cross_entropy`, the
+distribution per token, in the same ``[chunk, V]`` blocks. As in :mod:`engine_kernels.cross_entropy`, the
 logits are ``(h @ W.T).float()`` (the matmul runs in the input dtype, with the fp32 accumulation
 of the matmul kernels, then is upcast) and ``dz`` is cast to ``h``'s dtype before the two matmuls.
 """
@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from kernels.cross_entropy import default_chunk_size
-from kernels.dispatch import select_backend
+from engine_kernels.cross_entropy import default_chunk_size
+from engine_kernels.dispatch import select_backend
 
 
 def token_log_probs_reference(
@@ -154,7 +154,7 @@ def linear_token_log_probs(
         ignore_index (int): target value meaning "no log-prob wanted here".
         softcap (float, optional): logit soft-capping value ``c`` (``z = c * tanh(z / c)``).
         chunk_size (int, optional): tokens per chunk; default from
-            :func:`kernels.cross_entropy.default_chunk_size`.
+            :func:`engine_kernels.cross_entropy.default_chunk_size`.
         temperature (float): divide the (soft-capped) logits by this before the softmax (default 1).
 
     Returns:
@@ -187,7 +187,7 @@ def linear_token_entropy(
     """Entropy of ``softmax(z / T)`` per token, ``z = hidden @ weight.T`` (soft-capped), without all logits.
 
     ``H_i = logsumexp(z_i) - Σ_v p_iv z_iv`` with ``p = softmax(z_i)``, computed over chunks of tokens: one fp32
-    ``[chunk, V]`` block at a time (``chunk`` from :func:`kernels.cross_entropy.default_chunk_size`). No gradient
+    ``[chunk, V]`` block at a time (``chunk`` from :func:`engine_kernels.cross_entropy.default_chunk_size`). No gradient
     (a metric).
 
     Args:

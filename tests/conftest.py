@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 # CPU elementwise ops run eagerly in the suite (every parametrized dtype and shape would compile anew);
 # tests/kernels/test_cpu_fusion.py turns compiling on and checks it against the eager ops and transformers.
 os.environ.setdefault("ENGINE_CPU_COMPILE", "0")
+# Nothing reaches the Hub: bitsandbytes asks Hugging Face's `kernels` for a Hub kernel at import on some CPUs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import transformers

@@ -1,4 +1,4 @@
-"""Tests for the synthetic SFT / DPO datasets under data/."""
+"""Tests for the synthetic SFT / DPO datasets under engine/data/."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from data import generate as gen  # noqa: E402
-from data import tasks  # noqa: E402
-from data.load import load_jsonl  # noqa: E402
-from data.tasks import is_correct  # noqa: E402
+from engine.data import generate as gen
+from engine.data import tasks
+from engine.data.load import DATA_DIR, load_jsonl
+from engine.data.tasks import is_correct
 
 SPLITS = [("train", "sft"), ("eval", "sft"), ("train", "dpo"), ("eval", "dpo")]
 EXPECTED_ROWS = {("train", "sft"): 2000, ("eval", "sft"): 200,
@@ -49,14 +45,14 @@ def test_generation_is_deterministic(tmp_path):
 def test_shipped_files_match_fresh_generation(tmp_path):
     gen.write_all(tmp_path, seed=gen.DEFAULT_SEED)
     fresh = _files(tmp_path)
-    shipped = _files(REPO / "data")
-    assert fresh == shipped, "shipped data is stale: run `python data/generate.py`"
+    shipped = _files(DATA_DIR)
+    assert fresh == shipped, "shipped data is stale: run `python -m engine.data.generate`"
 
 
 def test_cli_writes_same_bytes(tmp_path):
     sizes = "sft_train=50,sft_eval=10,dpo_train=20,dpo_eval=10"
     for name in ("x", "y"):
-        subprocess.run([sys.executable, str(REPO / "data" / "generate.py"), "--seed", "3",
+        subprocess.run([sys.executable, "-m", "engine.data.generate", "--seed", "3",
                         "--out", str(tmp_path / name), "--sizes", sizes, "--quiet"],
                        check=True, cwd=tmp_path)
     fx = _files(tmp_path / "x")
@@ -90,7 +86,7 @@ def test_row_counts_and_formats(shipped):
 
 
 def test_total_size_is_small():
-    total = sum(len(b) for b in _files(REPO / "data").values())
+    total = sum(len(b) for b in _files(DATA_DIR).values())
     assert total < 2_000_000
 
 
@@ -199,7 +195,7 @@ def test_passive_vocabulary_is_unambiguous():
 
 
 def test_classification_splits_are_balanced_labelled_and_held_out():
-    from data.classification import CLS_LABELS
+    from engine.data.classification import CLS_LABELS
 
     train, held_out = load_jsonl("train", "cls"), load_jsonl("eval", "cls")
     assert (len(train), len(held_out)) == (gen.DEFAULT_SIZES["cls_train"], gen.DEFAULT_SIZES["cls_eval"])

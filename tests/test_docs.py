@@ -56,7 +56,6 @@ def test_getting_started_runs(tmp_path, monkeypatch, smollm2_path):
     assert not missing, f"docs/getting-started.md no longer contains {missing}; update SUBSTITUTIONS"
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(REPO))  # `from data.load import ...`, as from the repository root
     # One script of all blocks, each at its line of the Markdown file (tracebacks point at the page's lines;
     # the script stays in tmp_path to be read or rerun), run as a file.
     lines: list[str] = []

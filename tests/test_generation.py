@@ -74,7 +74,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(hf_folders):
 
 def test_decode_attention_equals_reference_with_padding_and_gqa():
     """A decode step (one query per row, every cached key) takes the folded-GQA path: same result as the oracle."""
-    from kernels.attention import attention, attention_reference, build_attention_mask
+    from engine_kernels.attention import attention, attention_reference, build_attention_mask
 
     torch.manual_seed(0)
     b, hq, hkv, kv_len, d = 3, 6, 2, 9, 16

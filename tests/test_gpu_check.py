@@ -185,9 +185,9 @@ def test_run_section_skips_what_the_budget_cannot_fit(tmp_path):
 
 def test_kernel_section_runs_required_checks_records_errors_and_skips_optional_ones(tmp_path, monkeypatch):
     """Required checks always run (one raising does not stop the next); optional ones stop when time runs low."""
-    import kernels._triton
+    import engine_kernels._triton
 
-    monkeypatch.setattr(kernels._triton, "interpreting", lambda: False)  # as on a GPU
+    monkeypatch.setattr(engine_kernels._triton, "interpreting", lambda: False)  # as on a GPU
     clock = FakeClock()
 
     def ok():
@@ -283,7 +283,7 @@ INTERPRETER_CASES = ["cross_entropy", "lora_linear nf4", "nf4_dequantize bf16 dq
 def test_kernel_cases_run_at_tiny_shapes(name, monkeypatch):
     """The kernel checks' own code (arguments, references, expected backends) on tiny shapes: Triton forced, on CUDA
     when there is one, else under Triton's interpreter (``TRITON_INTERPRET=1`` from ``tests/conftest.py``)."""
-    from kernels._triton import HAS_TRITON, interpreting
+    from engine_kernels._triton import HAS_TRITON, interpreting
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not HAS_TRITON or not (device.type == "cuda" or interpreting()):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import kernel_bench as kb
-from kernels._triton import HAS_TRITON, interpreting
+from engine_kernels._triton import HAS_TRITON, interpreting
 
 #: Odd little sizes: GQA heads, a vocabulary and hidden size that are no powers of two, a partial NF4 block.
 TINY = kb.ModelShape("tiny", batch=2, seq=3, hidden=20, intermediate=24, heads=4, kv_heads=2, head_dim=8, vocab=37)
@@ -36,7 +36,7 @@ def test_main_without_gpu_times_nothing_and_writes_nothing(no_cuda, tmp_path, ca
     out = tmp_path / "kernels-test.json"
     assert kb.main(["--ops", "rms_norm,nf4_dequantize", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "GPU timings need a CUDA GPU" in printed and "kernels.audit" in printed
+    assert "GPU timings need a CUDA GPU" in printed and "engine_kernels.audit" in printed
     assert not TIMING.search(printed), printed
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert (sorted(kb.RESULTS.iterdir()) if kb.RESULTS.exists() else []) == before

@@ -240,8 +240,8 @@ def test_tracker_counts_live_bytes_and_frees():
 
 
 def test_simulated_gpu_takes_the_gpu_decisions():
-    from kernels._triton import launchable, multiprocessor_count
-    from kernels.dispatch import TRITON_OPS, describe_backends, is_gpu, simulate_gpu
+    from engine_kernels._triton import launchable, multiprocessor_count
+    from engine_kernels.dispatch import TRITON_OPS, describe_backends, is_gpu, simulate_gpu
 
     meta = torch.empty(2, device="meta")
     assert not is_gpu("meta") and describe_backends("meta")["rms_norm"] == "torch"

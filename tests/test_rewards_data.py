@@ -1,4 +1,4 @@
-"""The GRPO addition task (data/rewards.py): prompt split and TRL-convention reward functions."""
+"""The GRPO addition task (engine/data/rewards.py): prompt split and TRL-convention reward functions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from data.rewards import (
+from engine.data.rewards import (
     addition_prompts,
     addition_reward,
     concise_reward,

@@ -13,7 +13,7 @@ import engine.modules.linear as linear_module
 from engine import FastModel
 from engine.errors import ConfigurationError
 from engine.peft import lora_modules
-from kernels.tiled_mlp import default_tile_rows
+from engine_kernels.tiled_mlp import default_tile_rows
 from tests.kernels.op_testing import assert_close
 
 SEQ, TILE = 37, 8
@@ -124,7 +124,7 @@ def test_tiled_mlp_argument(hf_folders):
 
 
 def test_auto_tile_rows():
-    from kernels.tiled_mlp import auto_tile_rows
+    from engine_kernels.tiled_mlp import auto_tile_rows
 
     assert auto_tile_rows(100) == 1024  # never below 1024 rows
     assert auto_tile_rows(16 * 1024) == 1024

@@ -7,7 +7,7 @@ import torch
 
 from engine import FastModel
 from engine.peft import disable_adapter, lora_modules
-from kernels.nf4 import nf4_dequantize
+from engine_kernels.nf4 import nf4_dequantize
 from tests.test_parity import assert_close_rel
 
 

@@ -4,7 +4,7 @@ Run from the repository root (about 4 minutes on a 2-core CPU)::
 
     python docs/examples/grpo_addition.py [--steps 20] [--lr 2e-4]
 
-The task and reward are ``data/rewards.py``: prompts such as "What is 7 + 5? Answer with only the number.", the
+The task and reward are ``engine/data/rewards.py``: prompts such as "What is 7 + 5? Answer with only the number.", the
 reward ``0.8 * correct + 0.2 * concise`` (the last integer of the completion is the sum; the answer is short). The
 base model's held-out mean reward is low but not zero (it sometimes answers correctly), so groups of completions
 differ and GRPO has a signal. The script measures the held-out mean reward and success rate (8 sampled completions
@@ -15,14 +15,10 @@ generations, and prints the time per step split into generation and training.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: its data/ package (the task)
 
 from engine import FastModel
 from engine.assets import smollm2_gguf_path
@@ -50,7 +46,7 @@ def sample_completions(model, tokenizer, rows, *, generations: int, max_new_toke
 
 def held_out_scores(model, tokenizer, rows, *, generations: int = 8, max_new_tokens: int = 16, seed: int = 1234) -> dict:
     """Mean reward and success rate (correct answers) over ``generations`` samples per held-out row."""
-    from data.rewards import addition_reward, correct_reward
+    from engine.data.rewards import addition_reward, correct_reward
 
     completions = sample_completions(model, tokenizer, rows, generations=generations,
                                      max_new_tokens=max_new_tokens, seed=seed)
@@ -74,7 +70,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--eval-generations", type=int, default=8, help="sampled completions per held-out prompt")
     args = parser.parse_args(argv)
 
-    from data.rewards import addition_prompts, addition_reward
+    from engine.data.rewards import addition_prompts, addition_reward
     from engine import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)

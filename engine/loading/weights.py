@@ -14,7 +14,7 @@ import torch.nn as nn
 from engine.errors import CheckpointError
 from engine.models.transformer import CausalLM
 from engine.modules.linear import Linear
-from kernels.nf4 import nf4_quantize
+from engine_kernels.nf4 import nf4_quantize
 
 #: Checkpoint entries that carry no weights (derived buffers some exporters write).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -42,7 +42,7 @@ ATTENTION_NAME = "engine_planner_fa2"  # no "flash" in it: transformers would lo
 def _flash_attention_standin(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              sliding_window=None, **kwargs):
     """transformers attention function: ``query [b, h, s, d]`` (keys/values ``[b, kv, s, d]``) -> ``([b, s, h, d], None)``."""
-    from kernels import attention
+    from engine_kernels.attention import attention
 
     if attention_mask is not None:
         raise ConfigurationError("the flash-attention stand-in plans unpadded batches only (no attention_mask)")

@@ -10,7 +10,7 @@ checkpointing and loss run, the plan follows the code as it changes: a new saved
 the plan without anyone updating a formula.
 
 Planning for a GPU (``device="cuda"``, the default) runs on ``meta`` tensors inside
-:func:`kernels.dispatch.simulate_gpu`, so every dispatch decision is the one a CUDA GPU gets (Triton
+:func:`engine_kernels.dispatch.simulate_gpu`, so every dispatch decision is the one a CUDA GPU gets (Triton
 kernels, flash attention, smart checkpointing's host offload); Triton launch wrappers allocate their
 outputs but launch nothing. Planning for ``device="cpu"`` runs the CPU code path on fake CPU tensors.
 
@@ -200,8 +200,8 @@ class PlanSession:
     """
 
     def __init__(self, build: Callable, device: str, batch_size: int):
-        from kernels.dispatch import simulate_gpu
-        from kernels.nf4 import build_tables
+        from engine_kernels.dispatch import simulate_gpu
+        from engine_kernels.nf4 import build_tables
 
         if device not in ("cuda", "cpu"):
             raise ConfigurationError(f"device must be 'cuda' (plan for a GPU) or 'cpu', got {device!r}")

@@ -18,11 +18,15 @@ from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import current_policy, training_policy
 from engine.modules.linear import Linear, glu_mlp, project, tiled_glu_mlp
-from kernels import attention, fused_linear_cross_entropy, glu_activation, rms_norm, rope, rope_cos_sin
-from kernels.attention import PackedLayout, packed_layout
-from kernels.dispatch import attention_backend
-from kernels.lora_fused import DequantWorkspace
-from kernels.tiled_mlp import auto_tile_rows
+from engine_kernels.attention import attention
+from engine_kernels.cross_entropy import fused_linear_cross_entropy
+from engine_kernels.glu import glu_activation
+from engine_kernels.rms_norm import rms_norm
+from engine_kernels.rope import rope, rope_cos_sin
+from engine_kernels.attention import PackedLayout, packed_layout
+from engine_kernels.dispatch import attention_backend
+from engine_kernels.lora_fused import DequantWorkspace
+from engine_kernels.tiled_mlp import auto_tile_rows
 
 
 class RMSNorm(nn.Module):
@@ -54,7 +58,7 @@ class AttentionContext:
         doc_ids: int ``[b, s_kv]`` document index of packed sequences, or ``None``.
         doc_lengths: for one padding-free row (``b == 1``), the lengths of its packed documents.
         layout: for that row on the PyTorch attention path off CPU, how its documents are batched
-            (:func:`kernels.attention.packed_layout`), built once here and shared by every layer.
+            (:func:`engine_kernels.attention.packed_layout`), built once here and shared by every layer.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
         workspace: the model's buffer that NF4 base weights are dequantized into (one at a time).
     """
@@ -147,8 +151,8 @@ class MLP(nn.Module):
 
     Attributes:
         tile_rows (int or None): when set (``FastModel.set_tiled_mlp``), a training forward over more tokens
-            than this runs in tiles of ``tile_rows`` rows (:mod:`kernels.tiled_mlp`): only the input is saved for
-            backward. ``"auto"``: tiles of :func:`kernels.tiled_mlp.auto_tile_rows` rows for each input.
+            than this runs in tiles of ``tile_rows`` rows (:mod:`engine_kernels.tiled_mlp`): only the input is saved for
+            backward. ``"auto"``: tiles of :func:`engine_kernels.tiled_mlp.auto_tile_rows` rows for each input.
             ``None``: untiled.
     """
 
@@ -552,7 +556,7 @@ class CausalLM(nn.Module):
         Returns:
             float32 ``[b, s]``: the log-probabilities, 0 at ``t = 0`` and wherever the label is -100.
         """
-        from kernels import linear_token_log_probs
+        from engine_kernels.token_log_probs import linear_token_log_probs
 
         x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, None, None)
         if self.lm_head.has_lora or self.lm_head.is_quantized:

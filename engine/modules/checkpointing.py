@@ -32,7 +32,7 @@ so ~5 ms for 128 MiB, mostly hidden behind compute) and that much pinned host me
 Saving: the same amount of GPU memory per layer, minus one prefetched layer input.
 
 Memory planning (:mod:`engine.memory`) runs this with ``meta`` tensors standing for a GPU
-(:func:`kernels.dispatch.simulate_gpu`): the offload then takes the synchronous copy path below (no
+(:func:`engine_kernels.dispatch.simulate_gpu`): the offload then takes the synchronous copy path below (no
 streams exist), which allocates and frees the same host and device buffers in the same order.
 
 On CPU the offload is a no-op: the tensor already lives in host memory, so copying it would save
@@ -61,8 +61,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.dispatch import is_gpu
-from kernels.errors import ConfigurationError
+from engine_kernels.dispatch import is_gpu
+from engine_kernels.errors import ConfigurationError
 
 #: One side stream per CUDA device index, for host <-> device copies of offloaded layer inputs.
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}

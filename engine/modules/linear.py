@@ -6,8 +6,8 @@ One class covers the three ways a projection is used:
 * LoRA: a frozen dense weight and trainable ``lora_A [r, in]``, ``lora_B [out, r]``;
 * QLoRA: the frozen weight stored as NF4 (``weight_nf4_*`` buffers) and LoRA on top.
 
-The LoRA math and its hand-written backward live in :mod:`kernels.lora_fused` (one path for every projection;
-:mod:`kernels.lora_linear` is the single-projection reference the tests compare with).
+The LoRA math and its hand-written backward live in :mod:`engine_kernels.lora_fused` (one path for every projection;
+:mod:`engine_kernels.lora_linear` is the single-projection reference the tests compare with).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import glu_activation
-from kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
-from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
-from kernels.tiled_mlp import tiled_lora_mlp
+from engine_kernels.glu import glu_activation
+from engine_kernels.lora_fused import DequantWorkspace, Projection, lora_mlp, lora_projections
+from engine_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from engine_kernels.tiled_mlp import tiled_lora_mlp
 
 _NF4_FIELDS = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset")
 
@@ -145,7 +145,7 @@ class Linear(nn.Module):
         use_lora = self.has_lora and self.adapter_enabled
         if not self.is_quantized and not use_lora:
             return F.linear(x, self.weight, self.bias)
-        # The one LoRA path: the fused Function, here with a single projection (kernels.lora_linear is its reference).
+        # The one LoRA path: the fused Function, here with a single projection (engine_kernels.lora_linear is its reference).
         return lora_projections(x, [Projection.from_module(self)], None, self.training)[0]
 
     def extra_repr(self) -> str:
@@ -168,7 +168,7 @@ def project(
     """``x`` through several projections that share it (Q/K/V, or O alone) with one fused Function.
 
     One backward accumulates ``dx`` once; NF4 bases are dequantized into ``workspace``
-    (see :mod:`kernels.lora_fused`). Plain dense layers without adapters take ``F.linear``.
+    (see :mod:`engine_kernels.lora_fused`). Plain dense layers without adapters take ``F.linear``.
     """
     if _plain(modules):
         return tuple(m(x) for m in modules)
@@ -188,7 +188,7 @@ def glu_mlp(
     plain dense layers without adapters compose ``F.linear`` with the dispatched GLU op.
 
     Args:
-        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU); see :func:`kernels.glu_activation`.
+        activation: ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU); see :func:`engine_kernels.glu_activation`.
     """
     if _plain((gate, up, down)):
         return down(glu_activation(activation)(gate(x), up(x)))
@@ -214,7 +214,7 @@ def tiled_glu_mlp(
     activation: str,
     tile_rows: int,
 ) -> torch.Tensor:
-    """:func:`glu_mlp` computed in tiles of ``tile_rows`` rows (:func:`kernels.tiled_mlp.tiled_lora_mlp`):
+    """:func:`glu_mlp` computed in tiles of ``tile_rows`` rows (:func:`engine_kernels.tiled_mlp.tiled_lora_mlp`):
     only ``x`` is saved for backward and one tile's ``[tile_rows, intermediate]`` activations exist at a time.
 
     Frozen bases (dense or NF4) with or without adapters are tiled; a trainable base weight or bias (full

@@ -5,10 +5,10 @@
   (``num_iterations x steps_per_generation``: one per micro-step that uses it) and every index in it
   ``num_generations`` times in a row (``mini_repeat_count``), so a prompt's group is generated together.
 * :func:`completion_log_probs` scores the completion tokens of ``prompt (left-padded) + completion
-  (right-padded)`` rows with the chunked ``kernels.linear_token_log_probs`` op (never ``[N, V]`` logits), at the
+  (right-padded)`` rows with the chunked ``engine_kernels.linear_token_log_probs`` op (never ``[N, V]`` logits), at the
   sampling temperature as TRL does. With ``entropy=True`` it also returns the per-token entropy of the same
-  distribution, computed without grad by ``kernels.linear_token_entropy`` over chunks of the scored tokens only
-  (``[chunk, V]`` fp32 blocks; ``chunk`` from ``kernels.cross_entropy.default_chunk_size``).
+  distribution, computed without grad by ``engine_kernels.linear_token_entropy`` over chunks of the scored tokens only
+  (``[chunk, V]`` fp32 blocks; ``chunk`` from ``engine_kernels.cross_entropy.default_chunk_size``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Sampler
 
-from kernels import linear_token_entropy, linear_token_log_probs
+from engine_kernels.token_log_probs import linear_token_entropy, linear_token_log_probs
 
 __all__ = ["RepeatSampler", "completion_log_probs", "is_conversational", "pad_left", "pad_right"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.load import load_jsonl
+from engine.data.load import load_jsonl
 from engine import FastModel
 
 HIGH_PRECISION = ("f16", "bf16", "q8_0")
@@ -269,7 +269,7 @@ def test_fine_tuned_model_answers_the_same_in_llama_cpp(smollm2_path, tmp_path):
     The engine generates from the exported file read back in fp32, so both sides run identical weights; a greedy
     path may then only diverge where the engine's top-2 logits are within llama.cpp's rounding (a near tie).
     """
-    from data.tasks import is_correct
+    from engine.data.tasks import is_correct
     from engine.demo import chat_prompt_ids, main
 
     result = main(["--task", "unit_conversion", "--steps", "30", "--eval-rows", "2"])

@@ -9,8 +9,8 @@ device of :data:`DEVICE` (CUDA when there is one, else CPU under Triton's interp
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels._triton import HAS_TRITON, interpreting
+from engine_kernels import dispatch
+from engine_kernels._triton import HAS_TRITON, interpreting
 
 #: Where the Triton tests run: CUDA when available, else CPU tensors under the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

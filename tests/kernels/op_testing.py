@@ -142,9 +142,9 @@ def direct_cross_entropy(hidden, weight, labels, reduction="mean", softcap=None,
 
 
 def lora_projection(out_f, in_f, base, dtype, seed, lora=True, bias=False, p=0.0, rank=4):
-    """A random :class:`kernels.lora_fused.Projection` (dense or NF4 base, LoRA of ``rank`` with non-zero ``B``)."""
-    from kernels.lora_fused import Projection
-    from kernels.nf4 import nf4_quantize
+    """A random :class:`engine_kernels.lora_fused.Projection` (dense or NF4 base, LoRA of ``rank`` with non-zero ``B``)."""
+    from engine_kernels.lora_fused import Projection
+    from engine_kernels.nf4 import nf4_quantize
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g) * in_f**-0.5

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import _packed_sdpa_attention, attention, attention_reference, build_attention_mask, packed_layout
+from engine_kernels.attention import _packed_sdpa_attention, attention, attention_reference, build_attention_mask, packed_layout
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf
 
 # --------------------------------------------------------------------------- attention mask semantics
@@ -348,7 +348,7 @@ def test_attention_softcap_chunks_change_nothing(monkeypatch):
     """Queries in chunks of 1, 2 and 3 (a tiny chunk budget) give the same result and gradients as one chunk."""
     import importlib
 
-    attention_module = importlib.import_module("kernels.attention")
+    attention_module = importlib.import_module("engine_kernels.attention")
     gen = torch.Generator().manual_seed(25)
     pad = torch.ones(2, 10, dtype=torch.bool)
     pad[0, :2] = False

@@ -15,10 +15,10 @@ import types
 import pytest
 import torch
 
-from kernels.attention import attention
+from engine_kernels.attention import attention
 from tests.kernels.op_testing import assert_close
 
-attention_module = importlib.import_module("kernels.attention")
+attention_module = importlib.import_module("engine_kernels.attention")
 
 
 def _dense(q, k, v, lengths, scale, window, softcap=None):

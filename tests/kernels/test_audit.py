@@ -1,4 +1,4 @@
-"""The ahead-of-time GPU audit (``python -m kernels.audit``): it compiles every kernel for sm_80/86/89/90.
+"""The ahead-of-time GPU audit (``python -m engine_kernels.audit``): it compiles every kernel for sm_80/86/89/90.
 
 Compiling needs Triton's real compiler, not the interpreter this test process runs under, so the
 compiling tests run in a subprocess without ``TRITON_INTERPRET``.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import audit
+from engine_kernels import audit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def test_problems_of():
 def test_audit_passes_for_every_kernel_and_target(tmp_path):
     """CI's audit: every launch of every kernel compiles for all four targets with no spills."""
     out = subprocess.run(
-        [sys.executable, "-m", "kernels.audit", "--json", str(tmp_path / "audit.json"),
+        [sys.executable, "-m", "engine_kernels.audit", "--json", str(tmp_path / "audit.json"),
          "--markdown", str(tmp_path / "audit.md")],
         capture_output=True, text=True, env=_compiler_env(), cwd=ROOT, timeout=900, check=False,
     )
@@ -66,7 +66,7 @@ SPILLING_KERNEL = '''
 import triton
 import triton.language as tl
 
-from kernels._triton import AuditLaunch
+from engine_kernels._triton import AuditLaunch
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def test_audit_catches_a_spilling_kernel(tmp_path):
     script = textwrap.dedent(
         """
         from hog_kernel import LAUNCH
-        from kernels.audit import compile_launch
+        from engine_kernels.audit import compile_launch
         row = compile_launch(LAUNCH, 90)
         print(row.spill_bytes + row.stack_bytes, "|", row.problems)
         """

@@ -6,13 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_fusion, geglu, rms_norm, rope, swiglu
-from kernels.cross_entropy import _torch_rows, fused_linear_cross_entropy
-from kernels.errors import ConfigurationError
-from kernels.geglu import _geglu_forward, geglu_backward_torch
-from kernels.rms_norm import _rms_backward_dw, _rms_backward_dx, _rms_forward
-from kernels.rope import _rotate, _unrotate
-from kernels.swiglu import _swiglu_forward, swiglu_backward_torch
+from engine_kernels import cpu_fusion
+from engine_kernels.geglu import geglu
+from engine_kernels.rms_norm import rms_norm
+from engine_kernels.rope import rope
+from engine_kernels.swiglu import swiglu
+from engine_kernels.cross_entropy import _torch_rows, fused_linear_cross_entropy
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.geglu import _geglu_forward, geglu_backward_torch
+from engine_kernels.rms_norm import _rms_backward_dw, _rms_backward_dx, _rms_forward
+from engine_kernels.rope import _rotate, _unrotate
+from engine_kernels.swiglu import _swiglu_forward, swiglu_backward_torch
 from tests.kernels.op_testing import assert_close, grads, leaf
 
 FUSED = (_rms_forward, _rms_backward_dx, _rms_backward_dw, _swiglu_forward, swiglu_backward_torch, _rotate, _unrotate,
@@ -81,7 +85,7 @@ def test_compiled_rms_norm_keeps_the_bf16_rounding(compiled):
     w = (1 + torch.randn(576, generator=g) * 0.1).to(torch.bfloat16)
     with torch.no_grad():
         fused = rms_norm(x, w, 1e-5)
-    from kernels.rms_norm import rms_norm_reference
+    from engine_kernels.rms_norm import rms_norm_reference
 
     torch.testing.assert_close(fused, rms_norm_reference(x, w, 1e-5), rtol=0, atol=0)
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.cross_entropy import (
+from engine_kernels.cross_entropy import (
     FusedLinearCrossEntropyFunction,
     cross_entropy_reference,
     default_chunk_size,
     fused_linear_cross_entropy,
 )
-from kernels.errors import ConfigurationError
-from kernels.lora_linear import lora_linear
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.lora_linear import lora_linear
 from tests.kernels.op_testing import (
     DTYPES,
     IGNORE,

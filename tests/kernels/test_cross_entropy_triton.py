@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
-from kernels.cross_entropy import (
+from engine_kernels import dispatch
+from engine_kernels.cross_entropy import (
     FusedLinearCrossEntropyFunction,
     FusedLinearCrossEntropyTritonFunction,
     _ce_rows_kernel,

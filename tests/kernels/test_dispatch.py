@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels._triton import interpreting
-from kernels.dispatch import describe_backends, record_backends, select_backend
-from kernels.errors import ConfigurationError, EngineError
-from kernels.rms_norm import rms_norm
-from kernels.swiglu import swiglu
+from engine_kernels import dispatch
+from engine_kernels._triton import interpreting
+from engine_kernels.dispatch import describe_backends, record_backends, select_backend
+from engine_kernels.errors import ConfigurationError, EngineError
+from engine_kernels.rms_norm import rms_norm
+from engine_kernels.swiglu import swiglu
 from tests.kernels.op_testing import assert_close
 
 # --------------------------------------------------------------------------- dispatch

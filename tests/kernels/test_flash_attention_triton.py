@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.flash_attention import (
+from engine_kernels.flash_attention import (
     FlashAttentionFunction,
     KernelConfig,
     LaunchConfig,
@@ -153,11 +153,11 @@ def test_flash_attention_softcap_matches_reference(triton_backend, lengths, head
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("setup", ["padding", "documents", "doc_lengths_window", "cache"])
 def test_attention_softcap_triton_equals_torch_path(triton_backend, monkeypatch, setup, dtype):
-    """The dispatched :func:`kernels.attention.attention` with a softcap: the Triton kernel where the layout is
+    """The dispatched :func:`engine_kernels.attention.attention` with a softcap: the Triton kernel where the layout is
     variable-length (packed documents), the PyTorch path (padding, KV cache) otherwise; both against the PyTorch
     path (ENGINE_KERNELS=torch), forward and gradients."""
-    from kernels.attention import attention
-    from kernels.dispatch import record_backends
+    from engine_kernels.attention import attention
+    from engine_kernels.dispatch import record_backends
 
     device, (b, hq, hkv, d) = triton_backend, (2, 4, 2, 32)
     s, kwargs = 12, {}

@@ -1,5 +1,5 @@
 """GeGLU: forward and gradients against the reference (transformers' ``gelu_pytorch_tanh(gate) * up``);
-only gate and up are saved for backward; the GLU activation names of :mod:`kernels.glu`.
+only gate and up are saved for backward; the GLU activation names of :mod:`engine_kernels.glu`.
 
 Tolerances and helpers: :mod:`tests.kernels.op_testing`.
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import glu_activation
-from kernels.dispatch import record_backends
-from kernels.errors import ConfigurationError
-from kernels.geglu import GeGLUFunction, geglu, geglu_backward, geglu_reference
-from kernels.glu import GLU_ACTIVATIONS, glu, glu_backward, glu_ops, glu_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from engine_kernels.glu import glu_activation
+from engine_kernels.dispatch import record_backends
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.geglu import GeGLUFunction, geglu, geglu_backward, geglu_reference
+from engine_kernels.glu import GLU_ACTIVATIONS, glu, glu_backward, glu_ops, glu_reference
+from engine_kernels.swiglu import swiglu, swiglu_reference
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
 
 SHAPES = [(1, 80), (3, 576), (127, 1000), (2, 3, 56)]
@@ -92,7 +92,7 @@ def test_geglu_saves_only_two_tensors():
     assert {t.data_ptr() for t in out.grad_fn.saved_tensors} == {gate.data_ptr(), up.data_ptr()}
 
 
-# --------------------------------------------------------------------------- activation names (kernels.glu)
+# --------------------------------------------------------------------------- activation names (engine_kernels.glu)
 
 
 def test_glu_names_map_to_the_matching_ops():

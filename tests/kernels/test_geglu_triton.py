@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.dispatch import record_backends
-from kernels.geglu import BLOCK, GeGLUTritonFunction, geglu, geglu_backward, geglu_reference
+from engine_kernels.dispatch import record_backends
+from engine_kernels.geglu import BLOCK, GeGLUTritonFunction, geglu, geglu_backward, geglu_reference
 from tests.kernels.op_testing import DTYPES_WITH_FP16, assert_close, grads, leaf
 
 SHAPES = [(1, 80), (3, 576), (2, 3, 56), (1, BLOCK + 1)]
@@ -72,8 +72,8 @@ def test_triton_geglu_inside_the_fused_mlp(triton_backend, tile_rows):
     """``activation="gelu_tanh"``: the fused (and tiled) LoRA MLP runs the GeGLU kernels, forward and backward."""
     import dataclasses
 
-    from kernels.lora_fused import reference_mlp
-    from kernels.tiled_mlp import tiled_lora_mlp
+    from engine_kernels.lora_fused import reference_mlp
+    from engine_kernels.tiled_mlp import tiled_lora_mlp
     from tests.kernels.op_testing import lora_projection
 
     device, d, inter = triton_backend, 40, 56

@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 import torch
 
-import kernels.lora_fused as lf
-from kernels.dispatch import record_backends
-from kernels.errors import ConfigurationError
-from kernels.lora_fused import (
+import engine_kernels.lora_fused as lf
+from engine_kernels.dispatch import record_backends
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.lora_fused import (
     DequantWorkspace,
     LoRAMLPFunction,
     LoRAProjectionsFunction,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
-from kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from engine_kernels.lora_linear import LoRALinearFunction, lora_linear, lora_linear_reference
+from engine_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
 
 # --------------------------------------------------------------------------- LoRA linear

@@ -23,8 +23,8 @@ import bitsandbytes.functional as bnb_functional  # the oracle: a missing bitsan
 import pytest
 import torch
 
-from kernels.errors import ConfigurationError
-from kernels.nf4 import (
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.nf4 import (
     ABSMAX_BLOCKSIZE,
     NF4_CODE,
     NF4Weight,
@@ -188,7 +188,7 @@ def test_non_contiguous_weight_matches_bnb():
 
 
 def test_code_search_equals_bucketize_at_edges():
-    from kernels import nf4 as nf4_module
+    from engine_kernels import nf4 as nf4_module
 
     mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
     up, down = torch.tensor(2.0), torch.tensor(-2.0)

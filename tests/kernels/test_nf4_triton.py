@@ -22,9 +22,9 @@ import re
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.nf4 import NF4_CODE, NF4Weight, from_bnb, nf4_dequantize, nf4_quantize
-from kernels.nf4_triton import _launch_config, _nf4_dequant_kernel, audit_launches, nf4_dequantize_triton
+from engine_kernels import dispatch
+from engine_kernels.nf4 import NF4_CODE, NF4Weight, from_bnb, nf4_dequantize, nf4_quantize
+from engine_kernels.nf4_triton import _launch_config, _nf4_dequant_kernel, audit_launches, nf4_dequantize_triton
 
 OUT_DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -277,7 +277,7 @@ def test_out_buffer_in_a_larger_storage(triton_backend, monkeypatch):
 
 
 def test_validation_still_applies(triton_backend):
-    from kernels.errors import ConfigurationError
+    from engine_kernels.errors import ConfigurationError
 
     q = _quantized((8, 64), 64, False, triton_backend)
     with pytest.raises(ConfigurationError, match="shape"):

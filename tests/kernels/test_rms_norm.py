@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+from engine_kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
 
 # --------------------------------------------------------------------------- RMSNorm

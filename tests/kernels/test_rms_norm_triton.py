@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.dispatch import record_backends
-from kernels.rms_norm import (
+from engine_kernels.dispatch import record_backends
+from engine_kernels.rms_norm import (
     MAX_FUSED_BACKWARD,
     RMSNormTritonFunction,
     _backward_programs,

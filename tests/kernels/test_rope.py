@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.rope import RoPEFunction, rope, rope_cos_sin, rope_reference
+from engine_kernels.rope import RoPEFunction, rope, rope_cos_sin, rope_reference
 from tests.kernels.op_testing import DTYPES, assert_close, grads, inv_freq, leaf, record_saved
 
 # --------------------------------------------------------------------------- RoPE

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from kernels.dispatch import record_backends
-from kernels.rope import (
+from engine_kernels.dispatch import record_backends
+from engine_kernels.rope import (
     RoPETritonFunction,
     _launch_config,
     _rope_kernel,
@@ -25,7 +25,7 @@ from kernels.rope import (
 )
 from tests.kernels.op_testing import DTYPES, assert_close, grads, inv_freq, leaf, record_saved
 
-rope_module = importlib.import_module("kernels.rope")  # ``kernels.rope`` as an attribute is the function
+rope_module = importlib.import_module("engine_kernels.rope")  # ``engine_kernels.rope`` as an attribute is the function
 
 CASES = [
     # (batch, seq, heads, kv_heads, head_dim)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference
+from engine_kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf, record_saved
 
 # --------------------------------------------------------------------------- SwiGLU

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.dispatch import record_backends
-from kernels.swiglu import BLOCK, SwiGLUTritonFunction, swiglu, swiglu_reference
+from engine_kernels.dispatch import record_backends
+from engine_kernels.swiglu import BLOCK, SwiGLUTritonFunction, swiglu, swiglu_reference
 from tests.kernels.op_testing import DTYPES, assert_close, grads, leaf
 
 SHAPES = [(1, 80), (3, 576), (127, 1000), (2, 3, 56), (1, BLOCK + 1)]

@@ -1,4 +1,4 @@
-"""The tiled LoRA GLU MLP (SwiGLU, GeGLU) (:mod:`kernels.tiled_mlp`) against the untiled fused :func:`lora_mlp`.
+"""The tiled LoRA GLU MLP (SwiGLU, GeGLU) (:mod:`engine_kernels.tiled_mlp`) against the untiled fused :func:`lora_mlp`.
 
 Odd sizes: hidden 80, intermediate 136 (and 56), rank 4; 1, 7, 33 and 100 rows in tiles of 8 or 16, so most
 runs end with a partial tile. Tolerances and helpers: :mod:`tests.kernels.op_testing`.
@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.dispatch import record_backends
-from kernels.errors import ConfigurationError
-from kernels.lora_fused import DequantWorkspace, LoRAMLPFunction, Projection, dropout_masks, lora_mlp, reference_mlp
-from kernels.tiled_mlp import (
+from engine_kernels.dispatch import record_backends
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.lora_fused import DequantWorkspace, LoRAMLPFunction, Projection, dropout_masks, lora_mlp, reference_mlp
+from engine_kernels.tiled_mlp import (
     DEFAULT_TILE_ROWS,
     TiledMLPFunction,
     default_tile_rows,

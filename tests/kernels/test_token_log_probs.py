@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.errors import ConfigurationError
-from kernels.token_log_probs import (
+from engine_kernels import dispatch
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.token_log_probs import (
     LinearTokenLogProbsFunction,
     linear_token_log_probs,
     token_log_probs_reference,
@@ -229,7 +229,7 @@ def test_token_log_probs_softcap_is_minus_the_softcapped_cross_entropy(dtype):
     """Final-logit soft-capping (Gemma 2, c = 30): ``-sum(log p)`` equals the soft-capped cross-entropy sum of
     :func:`fused_linear_cross_entropy` (itself checked against ``c * tanh(z / c)`` + ``F.cross_entropy``),
     and so do the gradients."""
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from engine_kernels.cross_entropy import fused_linear_cross_entropy
 
     hidden0, weight0, _ = _data(scale=40.0, seed=36)
     targets = random_labels(N, V, "scattered")
@@ -248,7 +248,7 @@ def test_token_log_probs_softcap_is_minus_the_softcapped_cross_entropy(dtype):
 def test_temperature_matches_reference_and_entropy(softcap):
     """Logits divided by a temperature (GRPO scores tokens as sampled): values and gradients as the unfused
     reference; the chunked entropy equals the entropy of the full softmax."""
-    from kernels.token_log_probs import linear_token_entropy
+    from engine_kernels.token_log_probs import linear_token_entropy
 
     hidden0, weight0, grad_out = _data()
     targets = random_labels(N, V, "scattered")

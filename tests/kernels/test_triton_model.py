@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine import FastModel
-from kernels import dispatch
-from kernels.dispatch import record_backends
+from engine_kernels import dispatch
+from engine_kernels.dispatch import record_backends
 from tests.kernels.op_testing import assert_close
 
 

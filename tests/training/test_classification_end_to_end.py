@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.classification import CLS_LABELS
-from data.load import load_jsonl
+from engine.data.classification import CLS_LABELS
+from engine.data.load import load_jsonl
 from engine import ClassificationConfig, ClassificationTrainer, FastModel
 
 

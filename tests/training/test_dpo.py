@@ -1,7 +1,7 @@
 """DPO data, log-probs and losses: formulas by hand, and parity with TRL 1.16's ``DPOTrainer``.
 
 The parity tests run TRL's trainer (transformers + PEFT, fp32) and ours on the same tiny Llama with the
-same LoRA weights and the same preference rows (from ``data/dpo/train.jsonl``), and compare the tokenized
+same LoRA weights and the same preference rows (from ``engine/data/dpo/train.jsonl``), and compare the tokenized
 ids, the collated batch (with truncation), the loss, the logged metrics and every LoRA gradient.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from data.load import load_jsonl
+from engine.data.load import load_jsonl
 from engine import FastModel
 from engine.errors import ConfigurationError, DatasetError
 from engine.peft import lora_modules

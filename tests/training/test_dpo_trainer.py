@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data.load import load_jsonl
+from engine.data.load import load_jsonl
 from engine import ConfigurationError, DatasetError, DPOConfig, DPOTrainer, FastModel
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data.load import load_jsonl
+from engine.data.load import load_jsonl
 from engine import DPOConfig, DPOTrainer, FastModel
 
 

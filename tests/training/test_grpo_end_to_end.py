@@ -1,5 +1,5 @@
 """GRPO on the real SmolLM2-135M-Instruct raises the held-out reward of the shipped addition task
-(``data/rewards.py``), through the runnable example ``docs/examples/grpo_addition.py``."""
+(``engine/data/rewards.py``), through the runnable example ``docs/examples/grpo_addition.py``."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 bad input, and a few training steps of each trainer.
 
 The parity tests run TRL's trainer (transformers + PEFT, fp32) and ours on the same tiny Llama with the same LoRA
-weights and the same rows (from ``data/dpo/train.jsonl``, unpaired for KTO), and compare the prepared data, the
+weights and the same rows (from ``engine/data/dpo/train.jsonl``, unpaired for KTO), and compare the prepared data, the
 collated batch, the loss, the logged metrics and every LoRA gradient (1e-5 relative).
 """
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from data.load import load_jsonl
+from engine.data.load import load_jsonl
 from engine import ConfigurationError, DatasetError, FastModel, KTOConfig, KTOTrainer, ORPOConfig, ORPOTrainer
 from engine.peft import lora_modules
 from engine.training.kto_data import UnpairedPreferenceCollator, add_kl_completions, tokenize_unpaired_dataset

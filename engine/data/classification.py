@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List
 
-from data.tasks import TASK_NAMES, generate_example
+from engine.data.tasks import TASK_NAMES, generate_example
 
 __all__ = ["CLS_LABELS", "class_counts", "generate_cls_split"]
 

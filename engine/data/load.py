@@ -20,7 +20,7 @@ def jsonl_path(split: str, kind: str = "sft") -> Path:
 
 
 def load_jsonl(split: str, kind: str = "sft") -> List[dict]:
-    """Rows of ``data/<kind>/<split>.jsonl``, e.g. ``load_jsonl("eval", "sft")`` or ``load_jsonl("train", "cls")``."""
+    """Rows of ``engine/data/<kind>/<split>.jsonl``, e.g. ``load_jsonl("eval", "sft")`` or ``load_jsonl("train", "cls")``."""
     path = jsonl_path(split, kind)
     with path.open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -9,7 +9,7 @@ Every task has
   are also compiled to regular expressions, so the checker can re-derive the
   canonical answer from the prompt text alone;
 * a canonical completion format (documented in ``ANSWER_FORMATS`` and in
-  ``data/README.md``);
+  ``engine/data/README.md``);
 * a list of plausible wrong answers, used as ``rejected`` in the DPO data.
 
 ``is_correct(task, prompt, completion_text)`` compares a model completion with

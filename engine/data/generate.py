@@ -2,14 +2,14 @@
 
 Usage (from the repository root)::
 
-    python data/generate.py [--seed 0] [--out data] \
+    python -m engine.data.generate [--seed 0] [--out engine/data] \
         [--sizes sft_train=2000,sft_eval=200,dpo_train=1000,dpo_eval=100,cls_train=1050,cls_eval=140]
 
 Writes ``<out>/sft/{train,eval}.jsonl``, ``<out>/dpo/{train,eval}.jsonl`` and
 ``<out>/cls/{train,eval}.jsonl``. The same seed and sizes give byte-identical
 files.  Prompts are unique across the four SFT/DPO files, so both eval splits
 are held out from both train splits; the classification files (prompt -> task,
-see ``data/classification.py``) are unique between themselves.
+see ``engine/data/classification.py``) are unique between themselves.
 Each split draws from its own RNG (seeded by seed and split name) and eval
 splits are drawn first, so changing a train size leaves the eval files as
 they are.
@@ -25,11 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-if __package__ in (None, ""):  # run as a script: make `import data.tasks` work
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data.classification import generate_cls_split  # noqa: E402
-from data.tasks import (  # noqa: E402
+from engine.data.classification import generate_cls_split
+from engine.data.tasks import (
     TASK_NAMES,
     TASK_WEIGHTS,
     generate_example,
@@ -178,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                    help="output folder (default: the data/ folder of this script)")
+                    help="output folder (default: the engine/data/ folder of this script)")
     ap.add_argument("--sizes", type=_parse_sizes, default={},
                     help="comma-separated overrides, e.g. sft_train=2000,sft_eval=200,"
                          "dpo_train=1000,dpo_eval=100,cls_train=1050,cls_eval=140")

@@ -1,1 +1,0 @@
-"""Synthetic SFT / DPO datasets with exactly checkable answers (see data/README.md)."""

@@ -1,0 +1,1 @@
+"""Synthetic SFT / DPO datasets with exactly checkable answers (see engine/data/README.md)."""
