@@ -190,7 +190,8 @@ def llama_cpp_quantize(src, dst, method: str) -> None:
 
 def read_tensors(path) -> dict:
     """``{name: (type, float32 array [rows, cols] dequantized with gguf-py)}``."""
-    return {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32)) for t in GGUFReader(str(path)).tensors}
+    tensors = GGUFReader(str(path)).tensors
+    return {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32)) for t in tensors}
 
 
 def read_blocks(path) -> dict:
