@@ -6,9 +6,12 @@
 K-quants (Q2_K..Q6_K) follow llama.cpp's reference quantizers *without* importance matrix
 (``quantize_row_qN_K_ref`` and helpers ``make_qkx2_quants``, ``make_q3_quants``, ``make_qx_quants`` in
 ``ggml-quants.c``), in float32 arithmetic, ``nearest_int`` = round half to even, d/dmin rounded to fp16 before the
-final pass. The numpy code works on all super-blocks at once; Python loops only run over candidate scales (<= 21),
-over the 16 positions of a sub-block (Q3_K's coordinate descent) and over a few packing lanes. Sums over a sub-block
-use numpy's pairwise order, so a float32 tie can resolve differently from the C code in rare blocks.
+final pass. The numpy code works on all sub-blocks at once, laid out position-major ``[n, groups]``; Python loops
+only run over candidate scales (<= 21), over the 16 or 32 positions of a sub-block (sums, Q3_K's coordinate descent)
+and over a few packing lanes. Sums over a sub-block add position by position in the C loops' order (numpy's pairwise
+reduction rounds differently and flipped near-tied choices in 1-3% of the Q4_K/Q5_K/Q6_K blocks), so the bytes equal
+llama.cpp's ``quantize_qN_K`` without importance matrix (tested against llama-cpp-python's ggml in
+``tests/export/test_llama_cpp.py``).
 
 Block layouts, per super-block of 256 weights (fp16 values little-endian):
 
@@ -110,9 +113,17 @@ def quantize(data: np.ndarray, qtype) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------- helpers
 
 
-def _rsum(a: np.ndarray) -> np.ndarray:
-    """Sum over the last axis (float32, numpy's pairwise order on a contiguous axis)."""
-    return np.add.reduce(np.ascontiguousarray(a), axis=-1)
+def _seq_sum(at: np.ndarray) -> np.ndarray:
+    """Sum position-major ``at`` [n, G] over its n positions in float32, strictly in order 0, 1, ..., n-1 -> [G].
+
+    This is the order of llama.cpp's C loops (``sum += ...`` per weight). numpy's own reduction over a contiguous
+    axis adds with 8 partial sums and pairwise, which rounds differently and flipped near-tied choices in 1-3% of
+    the Q4_K/Q5_K/Q6_K blocks. Adding contiguous rows keeps the order and vectorizes over the G groups.
+    """
+    acc = at[0].copy()
+    for row in at[1:]:
+        acc += row
+    return acc
 
 
 def _fp16(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -121,39 +132,42 @@ def _fp16(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.uint8).reshape(*h.shape, 2), h.astype(np.float32)
 
 
-def _signed_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: (the first value of largest magnitude, that magnitude)."""
-    idx = np.argmax(np.abs(x), axis=-1)
-    mx = np.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+def _signed_absmax(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Along ``axis``: (the first value of largest magnitude, that magnitude)."""
+    idx = np.expand_dims(np.argmax(np.abs(x), axis=axis), axis)
+    mx = np.take_along_axis(x, idx, axis=axis).squeeze(axis)
     return mx, np.abs(mx)
 
 
-def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
-    """``make_qkx2_quants`` for groups ``x`` [G, n] with weights ``w``: (scale [G], -min [G], levels [G, n] f32)."""
-    mn = np.minimum(x.min(axis=-1), 0).astype(np.float32)
-    mx = x.max(axis=-1)
+def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
+    """``make_qkx2_quants`` for position-major groups ``xt`` [n, G] with weights ``wt`` [n, G].
+
+    Returns (scale [G], -min [G], levels [n, G] f32).
+    """
+    mn = np.minimum(xt.min(axis=0), 0).astype(np.float32)
+    mx = xt.max(axis=0)
     flat = mx == mn
-    sum_w = _rsum(w)
-    sum_x = _rsum(w * x)
-    lv = np.empty_like(x)
-    tmp = np.empty_like(x)
+    sum_w = _seq_sum(wt)
+    sum_x = _seq_sum(wt * xt)
+    lv = np.empty_like(xt)
+    tmp = np.empty_like(xt)
 
     def levels_for(iscale, offset):  # into lv: clip(nearest_int(iscale * (x - offset)), 0, nmax)
-        np.subtract(x, offset[:, None], out=lv)
-        np.multiply(iscale[:, None], lv, out=lv)
+        np.subtract(xt, offset, out=lv)
+        np.multiply(iscale, lv, out=lv)
         np.rint(lv, out=lv)
         return np.clip(lv, 0, nmax, out=lv)
 
     def error(scale, m):  # weighted error of lv with (scale, m), C order: ((scale*L) + m) - x
-        np.multiply(scale[:, None], lv, out=tmp)
-        np.add(tmp, m[:, None], out=tmp)
-        np.subtract(tmp, x, out=tmp)
+        np.multiply(scale, lv, out=tmp)
+        np.add(tmp, m, out=tmp)
+        np.subtract(tmp, xt, out=tmp)
         if use_mad:
             np.abs(tmp, out=tmp)
         else:
             np.multiply(tmp, tmp, out=tmp)
-        np.multiply(w, tmp, out=tmp)
-        return _rsum(tmp)
+        np.multiply(wt, tmp, out=tmp)
+        return _seq_sum(tmp)
 
     rng = np.where(flat, _F(1), mx - mn)
     iscale0 = _F(nmax) / rng
@@ -165,10 +179,10 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         rng = np.where(flat | (mx == mn), _F(1), mx - mn)
         iscale = (_F(rmin) + _F(rdelta) * _F(i) + _F(nmax)) / rng
         levels_for(iscale, mn)
-        wl = np.multiply(w, lv, out=tmp)
-        sum_l = _rsum(wl)
-        sum_xl = _rsum(wl * x)
-        sum_l2 = _rsum(np.multiply(wl, lv, out=tmp))
+        wl = np.multiply(wt, lv, out=tmp)
+        sum_l = _seq_sum(wl)
+        sum_xl = _seq_sum(wl * xt)
+        sum_l2 = _seq_sum(np.multiply(wl, lv, out=tmp))
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -180,32 +194,35 @@ def _make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
         cur = error(this_scale, this_min)
         better = ok & (cur < best) & ~flat
         best = np.where(better, cur, best)
-        levels[better] = lv[better]
+        np.copyto(levels, lv, where=better)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
-    levels[flat] = 0
+    levels[:, flat] = 0
     scale = np.where(flat, _F(0), scale)
     return scale, -mn, levels
 
 
-def _make_qx(x, nmax):
-    """``make_qx_quants`` with rmse_type=1 and no importance weights: (scale [G], levels+nmax [G, n] f32)."""
-    mx, amax = _signed_absmax(x)
+def _make_qx(xt, nmax):
+    """``make_qx_quants`` with rmse_type=1, no importance weights, on position-major ``xt`` [n, G].
+
+    Returns (scale [G], levels+nmax [n, G] f32).
+    """
+    mx, amax = _signed_absmax(xt, axis=0)
     zero = amax < _GROUP_MAX_EPS
     mx = np.where(zero, _F(1), mx)
-    w = x * x
-    wx = w * x
+    w = xt * xt
+    wx = w * xt
 
-    lv = np.empty_like(x)
-    tmp = np.empty_like(x)
+    lv = np.empty_like(xt)
+    tmp = np.empty_like(xt)
 
     def fit(iscale):  # levels into lv, weighted sums (C order: (w*x)*l and (w*l)*l)
-        np.multiply(iscale[:, None], x, out=lv)
+        np.multiply(iscale, xt, out=lv)
         np.rint(lv, out=lv)
         np.clip(lv, -nmax, nmax - 1, out=lv)
-        sumlx = _rsum(np.multiply(wx, lv, out=tmp))
+        sumlx = _seq_sum(np.multiply(wx, lv, out=tmp))
         np.multiply(w, lv, out=tmp)
-        return sumlx, _rsum(np.multiply(tmp, lv, out=tmp))
+        return sumlx, _seq_sum(np.multiply(tmp, lv, out=tmp))
 
     best_iscale = _F(-nmax) / mx
     sumlx, suml2 = fit(best_iscale)
@@ -222,25 +239,24 @@ def _make_qx(x, nmax):
         best = np.where(better, scale * sumlx, best)
     fit(best_iscale)  # the kept levels are those of the best candidate
     levels = lv + _F(nmax)
-    levels[zero] = 0
+    levels[:, zero] = 0
     return np.where(zero, _F(0), scale), levels
 
 
-def _make_q3(x, nmax):
-    """``make_q3_quants`` with do_rmse: weighted fit plus up to 5 rounds of per-weight coordinate descent."""
-    mx, amax = _signed_absmax(x)
+def _make_q3(xt, nmax):
+    """``make_q3_quants`` with do_rmse on position-major ``xt`` [n, G]: weighted fit plus up to 5 rounds of
+    per-weight coordinate descent. Returns (scale [G], levels+nmax [n, G] f32)."""
+    mx, amax = _signed_absmax(xt, axis=0)
     zero = amax < _GROUP_MAX_EPS
     mx = np.where(zero, _F(1), mx)
-    lv = np.clip(np.rint((_F(-nmax) / mx)[:, None] * x), -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = _rsum(wx * lv)
-    suml2 = _rsum(w * lv * lv)
-    # Position-major copies so each step touches contiguous memory. A round without change leaves the state as it
-    # was, so running all 5 rounds is the same as the C code's early exit.
-    xt, wt, wxt, lt = (np.ascontiguousarray(a.T) for a in (x, w, wx, lv))
+    lt = np.clip(np.rint((_F(-nmax) / mx) * xt), -nmax, nmax - 1)
+    wt = xt * xt
+    wxt = wt * xt
+    sumlx = _seq_sum(wxt * lt)
+    suml2 = _seq_sum(wt * lt * lt)
+    # A round without change leaves the state as it was, so running all 5 rounds is the C code's early exit.
     for _ in range(5):
-        for i in range(x.shape[1]):
+        for i in range(xt.shape[0]):
             li = lt[i]
             slx = sumlx - wxt[i] * li
             sl2 = suml2 - wt[i] * li * li
@@ -252,8 +268,18 @@ def _make_q3(x, nmax):
             sumlx = np.where(take, nslx, sumlx)
             suml2 = np.where(take, nsl2, suml2)
     scale = np.where(suml2 > 0, sumlx / suml2, _F(0))
-    levels = np.where(zero[:, None], _F(0), lt.T + _F(nmax))
+    levels = np.where(zero, _F(0), lt + _F(nmax))
     return np.where(zero, _F(0), scale), levels
+
+
+def _groups(blocks: np.ndarray, n: int) -> np.ndarray:
+    """Super-blocks [B, 256] -> position-major sub-blocks [n, B*256/n] (column g = sub-block g, in order)."""
+    return np.ascontiguousarray(blocks.reshape(-1, n).T)
+
+
+def _ungroup(levels_t: np.ndarray, nb: int, n: int) -> np.ndarray:
+    """Position-major levels [n, B*256/n] -> [B, 256/n, n]."""
+    return np.ascontiguousarray(levels_t.T).reshape(nb, QK_K // n, n)
 
 
 def _requantize(x, levels, d, dm, lo, hi):
@@ -289,10 +315,9 @@ def _pack_scale_min_k4(ls, lm):
 def _scale_min_k(blocks, nmax, rmin, nstep):
     """Shared part of Q4_K/Q5_K: per-32 affine fits, 6-bit scales/mins, fp16 d/dmin, final levels."""
     nb = blocks.shape[0]
-    xs = blocks.reshape(nb * 8, 32)
-    av = np.sqrt(_rsum(xs * xs) / _F(32))
-    w = av[:, None] + np.abs(xs)
-    sc, mins, levels = _make_qkx2(xs, w, nmax, rmin, 0.1, nstep, False)
+    xt = _groups(blocks, 32)
+    av = np.sqrt(_seq_sum(xt * xt) / _F(32))
+    sc, mins, levels = _make_qkx2(xt, av + np.abs(xt), nmax, rmin, 0.1, nstep, False)
     sc, mins = sc.reshape(nb, 8), mins.reshape(nb, 8)
     max_scale = np.maximum(sc.max(axis=1), 0)
     max_min = np.maximum(mins.max(axis=1), 0)
@@ -304,7 +329,7 @@ def _scale_min_k(blocks, nmax, rmin, nstep):
     dmin_bytes, dmin = _fp16(max_min / _F(63))
     dd = d[:, None] * ls.astype(np.float32)
     dm = dmin[:, None] * lm.astype(np.float32)
-    q = _requantize(xs.reshape(nb, 8, 32), levels.reshape(nb, 8, 32), dd, dm, 0, nmax)
+    q = _requantize(blocks.reshape(nb, 8, 32), _ungroup(levels, nb, 32), dd, dm, 0, nmax)
     head = np.concatenate([d_bytes, dmin_bytes, _pack_scale_min_k4(ls, lm)], axis=1)
     return head, q.astype(np.uint8).reshape(nb, QK_K)
 
@@ -325,8 +350,8 @@ def _quantize_q5_k(blocks):
 
 def _quantize_q2_k(blocks):
     nb = blocks.shape[0]
-    xs = blocks.reshape(nb * 16, 16)
-    sc, mins, levels = _make_qkx2(xs, np.abs(xs), 3, -0.5, 0.1, 15, True)
+    xt = _groups(blocks, 16)
+    sc, mins, levels = _make_qkx2(xt, np.abs(xt), 3, -0.5, 0.1, 15, True)
     sc, mins = sc.reshape(nb, 16), mins.reshape(nb, 16)
     max_scale = np.maximum(sc.max(axis=1), 0)
     max_min = np.maximum(mins.max(axis=1), 0)
@@ -337,14 +362,13 @@ def _quantize_q2_k(blocks):
     dmin_bytes, dmin = _fp16(np.where(max_min > 0, max_min / _F(15), _F(0)))
     dd = d[:, None] * (scales & 0xF).astype(np.float32)
     dm = dmin[:, None] * (scales >> 4).astype(np.float32)
-    q = _requantize(xs.reshape(nb, 16, 16), levels.reshape(nb, 16, 16), dd, dm, 0, 3)
+    q = _requantize(blocks.reshape(nb, 16, 16), _ungroup(levels, nb, 16), dd, dm, 0, 3)
     return np.concatenate([scales, _pack_2bit(q.astype(np.uint8).reshape(nb, QK_K)), d_bytes, dmin_bytes], axis=1)
 
 
 def _quantize_q3_k(blocks):
     nb = blocks.shape[0]
-    xs = blocks.reshape(nb * 16, 16)
-    sc, levels = _make_q3(xs, 4)
+    sc, levels = _make_q3(_groups(blocks, 16), 4)
     sc = sc.reshape(nb, 16)
     max_scale, _ = _signed_absmax(sc)
     nonzero = max_scale != 0
@@ -353,7 +377,7 @@ def _quantize_q3_k(blocks):
     ls = np.where(nonzero[:, None], ls, 0).astype(np.uint8)
     d_bytes, d = _fp16(np.where(nonzero, _F(1) / iscale, _F(0)))
     dd = d[:, None] * (ls.astype(np.float32) - _F(32))
-    q = _requantize(xs.reshape(nb, 16, 16), levels.reshape(nb, 16, 16), dd, np.zeros_like(dd), -4, 3)
+    q = _requantize(blocks.reshape(nb, 16, 16), _ungroup(levels, nb, 16), dd, np.zeros_like(dd), -4, 3)
     q = np.where((dd == 0)[..., None], q, q + 4).astype(np.uint8).reshape(nb, QK_K)
     high = (q >> 2).reshape(nb, 8, 32)
     hmask = np.zeros((nb, 32), dtype=np.uint8)
@@ -368,8 +392,7 @@ def _quantize_q3_k(blocks):
 
 def _quantize_q6_k(blocks):
     nb = blocks.shape[0]
-    xs = blocks.reshape(nb * 16, 16)
-    sc, levels = _make_qx(xs, 32)
+    sc, levels = _make_qx(_groups(blocks, 16), 32)
     sc = sc.reshape(nb, 16)
     max_scale, max_abs = _signed_absmax(sc)
     zero = max_abs < _GROUP_MAX_EPS
@@ -377,7 +400,7 @@ def _quantize_q6_k(blocks):
     d_bytes, d = _fp16(_F(1) / iscale)
     ls = np.minimum(np.rint(iscale[:, None] * sc), 127).astype(np.int8)
     dd = d[:, None] * ls.astype(np.float32)
-    q = _requantize(xs.reshape(nb, 16, 16), levels.reshape(nb, 16, 16), dd, np.zeros_like(dd), -32, 31)
+    q = _requantize(blocks.reshape(nb, 16, 16), _ungroup(levels, nb, 16), dd, np.zeros_like(dd), -32, 31)
     q = np.where((dd == 0)[..., None], q, q + 32).astype(np.uint8).reshape(nb, 2, 4, 32)
     ql = np.stack([q[:, :, 0] & 0xF | (q[:, :, 2] & 0xF) << 4, q[:, :, 1] & 0xF | (q[:, :, 3] & 0xF) << 4], axis=2)
     qh = q[:, :, 0] >> 4 | (q[:, :, 1] >> 4) << 2 | (q[:, :, 2] >> 4) << 4 | (q[:, :, 3] >> 4) << 6

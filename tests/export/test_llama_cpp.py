@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import ctypes
 
+import gguf
 import llama_cpp
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+from gguf.quants import dequantize
 
 from engine.data.load import load_jsonl
 from engine import FastModel
+from engine.gguf.quants import quantize
 
 HIGH_PRECISION = ("f16", "bf16", "q8_0")
 QUANTIZED = ("q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m")
@@ -169,7 +174,11 @@ LLAMA_FTYPES_ALL = {
     **LLAMA_FTYPES,
     "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
     "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+    "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,  # not an export method of ours: compared at the quantizer level
 }
+#: The K-quant export methods (every one of them is compared with llama.cpp byte for byte).
+K_METHODS = ("q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m")
+K_TYPES = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
 def llama_cpp_quantize(src, dst, method: str) -> None:
@@ -181,38 +190,61 @@ def llama_cpp_quantize(src, dst, method: str) -> None:
 
 def read_tensors(path) -> dict:
     """``{name: (type, float32 array [rows, cols] dequantized with gguf-py)}``."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+    tensors = GGUFReader(str(path)).tensors
+    return {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32)) for t in tensors}
 
-    return {t.name: (t.tensor_type, dequantize(t.data, t.tensor_type).astype(np.float32)) for t in GGUFReader(str(path)).tensors}
+
+def read_blocks(path) -> dict:
+    """``{name: (type, raw bytes as uint8 [n_blocks, type_size])}`` straight from the file (gguf-py's reader)."""
+    out = {}
+    for t in GGUFReader(str(path)).tensors:
+        _, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        out[t.name] = (t.tensor_type, np.ascontiguousarray(t.data).view(np.uint8).reshape(-1, type_size))
+    return out
 
 
 @pytest.fixture(scope="module")
-def wide_model(tmp_path_factory, smollm2_tokenizer):
-    """A random Llama whose rows are multiples of 256 (hidden 256, MLP 768), so K-quants apply to every matrix."""
+def wide_model():
+    """A random Llama whose rows are multiples of 256 (hidden 256, MLP 768), so K-quants apply to every matrix.
+
+    Vocabulary 2,048 and no tokenizer: ``llama_model_quantize`` needs no vocabulary, and gguf-py then reads a file in
+    milliseconds (a 49,152-token vocabulary costs it ~14 s per file).
+    """
+    import tempfile
+
     import transformers
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
     )
-    folder = tmp_path_factory.mktemp("wide")
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    smollm2_tokenizer.save_pretrained(folder)
-    return FastModel.from_pretrained(str(folder), dtype="float32", verbose=False)
+    with tempfile.TemporaryDirectory() as folder:
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        model, _ = FastModel.from_pretrained(folder, dtype="float32", verbose=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def k_quant_files(wide_model, tmp_path_factory):
+    """Our f32 file and our K-quant exports of the wide model, and llama.cpp's quantization of that same f32 file to
+    each method (and to q2_k): ``(f32, {method: ours}, {method: llama.cpp's})``. Both sides start from identical
+    float32 weights, so their bytes can be compared."""
+    out = tmp_path_factory.mktemp("kquants")
+    with pytest.warns(UserWarning, match="without a tokenizer"):
+        f32, *ours = wide_model.save_pretrained_gguf(out, None, quantization_method=["f32", *K_METHODS])
+    theirs = {method: out / f"llama-cpp-{method}.gguf" for method in (*K_METHODS, "q2_k")}
+    for method, path in theirs.items():
+        llama_cpp_quantize(f32, path, method)
+    return f32, dict(zip(K_METHODS, ours)), theirs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m"])
-def test_k_quants_match_llama_cpp(wide_model, tmp_path, method):
-    """Same per-tensor types as llama.cpp's own quantization of our f16 file, and no larger error per tensor."""
-    model, tokenizer = wide_model
-    (f16,) = model.save_pretrained_gguf(tmp_path / "f16", tokenizer, quantization_method="f16")
-    (ours,) = model.save_pretrained_gguf(tmp_path / "ours", tokenizer, quantization_method=method)
-    theirs = tmp_path / f"llama-cpp-{method}.gguf"
-    llama_cpp_quantize(f16, theirs, method)
-    reference, mine, llamas = read_tensors(f16), read_tensors(ours), read_tensors(theirs)
+@pytest.mark.parametrize("method", K_METHODS)
+def test_k_quants_match_llama_cpp(k_quant_files, method):
+    """Same per-tensor types as llama.cpp's own quantization of our f32 file, and no larger error per tensor."""
+    f32, ours, theirs = k_quant_files
+    reference, mine, llamas = read_tensors(f32), read_tensors(ours[method]), read_tensors(theirs[method])
     assert set(mine) == set(llamas)
     k_tensors = 0
     for name, (their_type, their_values) in llamas.items():
@@ -224,6 +256,108 @@ def test_k_quants_match_llama_cpp(wide_model, tmp_path, method):
         assert my_err <= their_err * 1.005 + 1e-8, f"{name} ({my_type.name}): rmse ours {my_err:.3e}, llama.cpp {their_err:.3e}"
         k_tensors += my_type.name.endswith("_K")
     assert k_tensors >= 10  # the comparison covered K-quant tensors, not only fallbacks
+
+
+def _tally(table: dict, qtype, mine: np.ndarray, theirs: np.ndarray, ref: np.ndarray) -> None:
+    """Add one tensor's blocks (uint8 [n_blocks, type_size], both sides) to ``table[qtype]``: identical blocks,
+    blocks, and the squared errors of both sides' dequantized values against ``ref`` (float32)."""
+    row = table.setdefault(qtype, [0, 0, 0.0, 0.0])
+    row[0] += int((mine == theirs).all(axis=1).sum())
+    row[1] += mine.shape[0]
+    ref = ref.astype(np.float64).ravel()
+    row[2] += float(np.sum((dequantize(mine, qtype).astype(np.float64).ravel() - ref) ** 2))
+    row[3] += float(np.sum((dequantize(theirs, qtype).astype(np.float64).ravel() - ref) ** 2))
+
+
+def _table_text(table: dict) -> str:
+    lines = ["type  identical blocks          error ratio (our MSE / llama.cpp's)"]
+    for qtype in K_TYPES:
+        same, total, mine, theirs = table[qtype]
+        lines.append(f"{qtype.name:<5} {same:>6}/{total:<6} = {same / total:.4f}   {mine / theirs:.6f}")
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_k_quant_bytes_equal_llama_cpp(k_quant_files):
+    """Every tensor of our q6_k, q5_k_m, q4_k_m, q4_k_s and q3_k_m files has the bytes of llama.cpp's
+    ``llama_model_quantize`` of the same f32 file; Q2_K (not an export method) is compared on the tensors llama.cpp
+    makes Q2_K in its q2_k file, quantized with our ``quants.quantize``. Prints the share of identical blocks and
+    the error ratio per K type."""
+    f32, ours, theirs = k_quant_files
+    reference = {name: values for name, (_, values) in read_tensors(f32).items()}
+    table: dict = {}
+    for method in K_METHODS:
+        mine, llamas = read_blocks(ours[method]), read_blocks(theirs[method])
+        assert set(mine) == set(llamas)
+        for name, (their_type, their_blocks) in llamas.items():
+            my_type, my_blocks = mine[name]
+            assert my_type == their_type, f"{method} {name}: ours {my_type.name}, llama.cpp {their_type.name}"
+            if my_type in K_TYPES:
+                _tally(table, my_type, my_blocks, their_blocks, reference[name])
+            else:  # the F32 norms
+                assert np.array_equal(my_blocks, their_blocks), f"{method} {name} ({my_type.name})"
+    for name, (qtype, their_blocks) in read_blocks(theirs["q2_k"]).items():
+        if qtype == QT.Q2_K:
+            mine = quantize(reference[name], QT.Q2_K).reshape(their_blocks.shape)
+            _tally(table, qtype, mine, their_blocks, reference[name])
+    text = _table_text(table)
+    print("\n" + text)
+    assert set(table) == set(K_TYPES), text
+    for qtype, (same, total, my_sq, their_sq) in table.items():
+        assert total >= 500, text  # enough blocks of every type to mean something
+        assert same == total, text  # measured: 100% for every K type
+        assert my_sq == their_sq, text
+
+
+def _distributions() -> dict[str, np.ndarray]:
+    """Weight distributions for the direct comparison with ggml's quantizer (128 super-blocks each)."""
+    rng = np.random.default_rng(0)
+    n = 256 * 128
+    outliers = rng.standard_normal(n)
+    outliers[::97] *= 40
+    sub = n // 16
+    return {
+        "normal": rng.standard_normal(n),
+        "student-t (3)": rng.standard_t(3, n),
+        "outliers": outliers,
+        "uniform [0, 1)": rng.random(n),
+        "all negative": -np.abs(rng.standard_normal(n)) - 0.5,
+        "sub-block scales 1e-6..1e2": rng.standard_normal(n) * np.repeat(10.0 ** rng.uniform(-6, 2, sub), 16),
+        "90% zeros": rng.standard_normal(n) * (rng.random(n) < 0.1),
+        "coarse grid (1/4)": np.round(rng.standard_normal(n) * 4) / 4,
+        "constant / zero sub-blocks": np.repeat(rng.choice([0.0, 0.5, -0.25, 1e-3], sub), 16),
+        "tiny (1e-9)": rng.standard_normal(n) * 1e-9,
+    }
+
+
+def ggml_quantize(x: np.ndarray, qtype) -> np.ndarray:
+    """llama.cpp's ``ggml_quantize_chunk`` (the function ``llama_model_quantize`` calls, no importance matrix)
+    on float32 ``x`` [rows, cols] -> uint8 [rows * cols / 256, type_size]."""
+    from llama_cpp._ggml import libggml
+
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((x.size // 256, type_size), dtype=np.uint8)
+    libggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    written = libggml.ggml_quantize_chunk(
+        ctypes.c_int(int(qtype)), x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
+        ctypes.c_int64(0), ctypes.c_int64(x.shape[0]), ctypes.c_int64(x.shape[1]), None,
+    )
+    assert written == out.nbytes
+    return out
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_k_quantizers_equal_ggml_on_varied_weights(qtype):
+    """Our Q2_K..Q6_K quantizers give ggml's bytes on every block of ten weight distributions (heavy tails,
+    outliers, all-positive/negative, mixed scales, zeros, constants, values on a grid, 1e-9)."""
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    for name, values in _distributions().items():
+        x = values.astype(np.float32).reshape(-1, 1024)
+        mine = quantize(x, qtype).reshape(-1, type_size)
+        theirs = ggml_quantize(x, qtype)
+        differ = np.flatnonzero((mine != theirs).any(axis=1))
+        assert differ.size == 0, f"{name}: {differ.size} of {len(mine)} blocks differ (first: {differ[:5].tolist()})"
 
 
 def lora_gguf_difference(folder, tmp_path, n_tokens: int, logits_of=None, tokenizer=None) -> tuple[float, float]:
@@ -345,7 +479,6 @@ def sentencepiece_folder(tmp_path_factory):
 
 def test_sentencepiece_tokenizer_in_llama_cpp(sentencepiece_folder, tmp_path):
     """A SentencePiece BPE vocabulary is written as llama.cpp's 'llama' tokenizer and tokenizes as transformers."""
-    import gguf
     import sentencepiece
 
     model, tokenizer = FastModel.from_pretrained(str(sentencepiece_folder), dtype="float32", verbose=False)

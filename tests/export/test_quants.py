@@ -94,19 +94,27 @@ def _half_value(v):
     return F(struct.unpack("<e", _half(v))[0])
 
 
+def _csum(a):
+    """float32 sum in index order, as llama.cpp's C loops add (numpy's ``.sum()`` is pairwise)."""
+    total = F(0)
+    for v in a:
+        total = F(total + v)
+    return total
+
+
 def ref_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
     """make_qkx2_quants for one group (squared error). Returns (scale, -min, levels)."""
     lo, hi = min(F(x.min()), F(0)), F(x.max())
     if hi == lo:
         return F(0), -lo, np.zeros(len(x), F)
-    sum_w, sum_x = w.sum(), (w * x).sum()
+    sum_w, sum_x = _csum(w), _csum(w * x)
 
     def levels(iscale, offset):
         return np.clip(np.rint(iscale * (x - offset)), 0, nmax).astype(F)
 
     def error(scale, m, lv):
         diff = scale * lv + m - x
-        return (w * (diff * diff)).sum()
+        return _csum(w * (diff * diff))
 
     iscale = F(nmax) / (hi - lo)
     scale, mn = F(1) / iscale, lo
@@ -115,7 +123,7 @@ def ref_make_qkx2(x, w, nmax, rmin, rdelta, nstep):
     for i in range(nstep + 1):
         # llama.cpp starts each candidate grid at the current best minimum, which the loop updates.
         lv = levels((F(rmin) + F(rdelta) * F(i) + F(nmax)) / (hi - mn), mn)
-        sum_l, sum_l2, sum_xl = (w * lv).sum(), (w * lv * lv).sum(), (w * lv * x).sum()
+        sum_l, sum_l2, sum_xl = _csum(w * lv), _csum(w * lv * lv), _csum(w * lv * x)
         det = sum_w * sum_l2 - sum_l * sum_l
         if det > 0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -138,7 +146,7 @@ def ref_make_qx(x, nmax):
 
     def fit(iscale):
         lv = np.clip(np.rint(iscale * x), -nmax, nmax - 1).astype(F)
-        return lv, (w * x * lv).sum(), (w * lv * lv).sum()
+        return lv, _csum(w * x * lv), _csum(w * lv * lv)
 
     lv, sumlx, suml2 = fit(F(-nmax) / mx)
     scale = sumlx / suml2 if suml2 else F(0)
@@ -155,7 +163,7 @@ def ref_q4_k_block(x, nmax=15, rmin=-1.0, nstep=20):
     scales, mins, L = [], [], np.zeros(256, F)
     for j in range(8):
         xs = x[32 * j:32 * j + 32]
-        w = np.sqrt((xs * xs).sum() / F(32)) + np.abs(xs)
+        w = np.sqrt(_csum(xs * xs) / F(32)) + np.abs(xs)
         s, m, L[32 * j:32 * j + 32] = ref_make_qkx2(xs, w, nmax, rmin, 0.1, nstep)
         scales.append(s)
         mins.append(m)
