@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from engine.errors import ConfigurationError
+from engine.errors import CheckpointError, ConfigurationError
 from engine.models.families import LLAMA_LORA_TARGETS
 from engine.modules.linear import Linear
 
@@ -127,13 +127,27 @@ def disable_adapter(model):
             m.adapter_enabled = state
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """The adapter weights under PEFT's key names (``base_model.model.<path>.lora_A.weight``)."""
+def adapter_state_dict(model, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter weights under PEFT's key names (``base_model.model.<path>.lora_A.weight``).
+
+    Args:
+        model (CausalLM): the model whose adapters are wanted.
+        state_dict (dict, optional): take the values from this ``model.state_dict()``-style mapping instead of the
+            model's parameters (FSDP2: the full tensors gathered from every rank's shards).
+    """
+    def value(module_key: str, param: torch.Tensor) -> torch.Tensor:
+        if state_dict is None:
+            return param.detach()
+        if module_key not in state_dict:
+            raise CheckpointError(f"the state dict to save has no {module_key!r}; pass the model's full state dict")
+        return state_dict[module_key].detach()
+
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
-    out.update({key: p.detach() for key, p in _saved_module_params(model).items()})
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(f"{name}.lora_A", m.lora_A)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(f"{name}.lora_B", m.lora_B)
+    for key, p in _saved_module_params(model).items():
+        out[key] = value(key[len(PEFT_PREFIX):], p)
     return out
 
 

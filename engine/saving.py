@@ -41,21 +41,31 @@ def _parse_size(size: int | str) -> int:
     return int(text)
 
 
-def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> None:
+def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, state_dict=None, **kwargs) -> None:
     """Save the LoRA adapter in PEFT format, or the full model when it has no adapter.
 
     Args:
         model (CausalLM): the model.
         save_directory: folder to create or overwrite files in.
         tokenizer (optional): saved beside the adapter when given.
+        state_dict (dict, optional): the adapter values to write, keyed as ``model.state_dict()`` (FSDP2: the full
+            tensors gathered from the shards, see :func:`engine.distributed.full_state_dict`). LoRA models only.
+
+    Raises:
+        ConfigurationError: ``state_dict`` for a model without LoRA adapters.
     """
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None and not lora_modules(model):
+        raise ConfigurationError(
+            "save_pretrained(state_dict=...) writes LoRA adapters; this model has none. Save the unsharded model "
+            "with save_pretrained_merged."
+        )
     if not lora_modules(model):
         save_pretrained_merged(model, out, tokenizer, save_method="merged_32bit" if model.dtype == torch.float32 else "merged_16bit", **kwargs)
         return
     config = model.lora_settings.to_peft_config(model.name_or_path)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, state_dict).items()}
     with StagedFolder(out) as stage:  # crash-safe: files renamed into place once all are written
         stage.write_text("adapter_config.json", json.dumps(config, indent=2) + "\n")
         save_file(tensors, stage.path("adapter_model.safetensors"), metadata={"format": "pt"})

@@ -301,6 +301,10 @@ class CausalLM(nn.Module):
     accepts_loss_kwargs = True
     loss_type = "ForCausalLM"
     main_input_name = "input_ids"
+    #: For FSDP2 (accelerate's ``fsdp_version=2``, :func:`engine.distributed.fully_shard_model`): each decoder layer
+    #: is one sharding unit (its weights are gathered together); ``model`` holds the embedding, layers and final norm.
+    _no_split_modules = ["DecoderLayer"]
+    base_model_prefix = "model"
 
     def __init__(self, args: ModelArgs, max_seq_length: int = 2048, device=None, dtype=None):
         super().__init__()
@@ -384,6 +388,18 @@ class CausalLM(nn.Module):
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> Linear:
+        """The output head (``lm_head``); its weight is the embedding's when ``tie_word_embeddings``."""
+        return self.lm_head
+
+    def tie_weights(self) -> None:
+        """Make ``lm_head`` use the embedding weight again when the family ties them (a no-op otherwise).
+
+        Code that replaces parameters (accelerate's FSDP2 loading moves the model to ``meta`` and back) calls this.
+        """
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def get_memory_footprint(self) -> int:
         """Bytes held by parameters and buffers (shared tensors counted once)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from engine.distributed import check_trainer_fsdp, is_fully_sharded
 from engine.errors import CheckpointError, ConfigurationError
 from engine.files import StagedFolder
 from engine.loader import FastModel
@@ -142,6 +143,7 @@ class EngineTrainer(transformers.Trainer):
         if tokenizer is not None and processing_class is not None and tokenizer is not processing_class:
             raise ConfigurationError("pass the tokenizer once, as tokenizer= or processing_class=")
         processing_class = processing_class if processing_class is not None else tokenizer
+        check_trainer_fsdp(model, args)
         if not any(p.requires_grad for p in model.parameters()):
             raise ConfigurationError(
                 "the model has no trainable parameters. Add LoRA adapters with FastModel.get_peft_model(model, ...) "
@@ -246,7 +248,10 @@ class EngineTrainer(transformers.Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        model.save_pretrained(output_dir)  # crash-safe (engine.files)
+        # FSDP2 (and DeepSpeed): transformers gathers the full state dict on every rank and passes it here; the
+        # adapter is written from it. Without LoRA the model's own (unsharded) parameters are written.
+        gathered = state_dict if lora_modules(model) else None
+        model.save_pretrained(output_dir, state_dict=gathered)  # crash-safe (engine.files)
         with StagedFolder(output_dir) as stage:
             if self.processing_class is not None:
                 stage.add_folder(self.processing_class.save_pretrained)
@@ -259,6 +264,11 @@ class EngineTrainer(transformers.Trainer):
         from engine.peft import load_adapter_state_dict
 
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if is_fully_sharded(model):
+            raise CheckpointError(
+                "resuming an FSDP run is not supported by the engine's trainers yet. Resume with DDP (drop fsdp), or "
+                f"load the adapter from {resume_from_checkpoint} with FastModel.from_pretrained and start a new run."
+            )
         folder = Path(resume_from_checkpoint)
         adapter = folder / "adapter_model.safetensors"
         if lora_modules(model):
