@@ -24,6 +24,7 @@ from engine.errors import ConfigurationError, DatasetError
 from engine.models.classification import IGNORE_INDEX, CausalLMForSequenceClassification
 from engine.training.base import EngineTrainer, resolve_config
 from engine.training.config import ClassificationConfig
+from engine.training.rows import as_dataset
 
 __all__ = [
     "ClassificationCollator", "ClassificationTrainer", "classification_accuracy", "tokenize_classification_dataset",
@@ -35,19 +36,49 @@ def _label_index(value, num_labels: int, label2id: dict | None, row: int):
     if isinstance(value, str):
         if label2id is None or value not in label2id:
             known = f"one of {sorted(label2id)}" if label2id else "an integer (the model has no id2label)"
-            raise DatasetError(f"row {row}: label {value!r} is not a known class name; use {known}")
+            raise DatasetError(f"example {row}: label {value!r} is not a known class name; use {known}")
         return label2id[value]
     if isinstance(value, bool) or value is None:
-        raise DatasetError(f"row {row}: label {value!r} is not a class index; give an integer in [0, {num_labels})")
+        raise DatasetError(
+            f"example {row}: label {value!r} is not a class index; give an integer in [0, {num_labels})"
+        )
     if isinstance(value, int):
         if value != IGNORE_INDEX and not 0 <= value < num_labels:
             raise DatasetError(
-                f"row {row}: label {value} is outside [0, {num_labels}): the model has num_labels={num_labels}. "
+                f"example {row}: label {value} is outside [0, {num_labels}): the model has num_labels={num_labels}. "
                 f"Map the labels to 0..{num_labels - 1}, or load the model with "
                 "FastModel.from_pretrained(..., num_labels=<number of classes>)."
             )
         return value
     return value  # float (regression) or a list of floats (multi-label): checked by the model's loss
+
+
+def _check_label_kinds(values: list) -> None:
+    """Class indices (int) and regression targets (float) in one column: name the example that is the odd one out.
+
+    Arrow would store such a column as floats, so every class index would silently become a regression target.
+    """
+    kinds = ["float" if isinstance(v, float) else "int" if isinstance(v, int) else "other" for v in values]
+    n_int, n_float = kinds.count("int"), kinds.count("float")
+    if not n_int or not n_float:
+        return
+    odd, common, count = ("float", "class indices (integers)", n_int) if n_float <= n_int else (
+        "int", "regression targets (floats)", n_float)
+    index = kinds.index(odd)
+    raise DatasetError(
+        f"example {index}: label {values[index]!r} is {'a float' if odd == 'float' else 'an integer'}, while "
+        f"{count} of {len(values)} labels are {common}; give every example an integer class index "
+        "(classification) or a float (regression)"
+    )
+
+
+def _check_texts(texts: list, text_field: str) -> None:
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DatasetError(
+                f"example {index}: column '{text_field}' holds {type(text).__name__}, expected a string; fix or drop "
+                "this example"
+            )
 
 
 def tokenize_classification_dataset(
@@ -69,8 +100,10 @@ def tokenize_classification_dataset(
     Raises:
         DatasetError: an empty dataset, a missing column, an empty text, or a label outside ``[0, num_labels)``.
     """
-    if isinstance(dataset, list):
-        dataset = datasets.Dataset.from_list(dataset)
+    rows = list(dataset) if isinstance(dataset, (list, tuple)) else None
+    if rows is not None and not rows:
+        raise DatasetError("the classification dataset is empty")
+    dataset = as_dataset(dataset)  # rows that are not dicts, columns missing in some rows, invalid UTF-8, ...
     if len(dataset) == 0:
         raise DatasetError("the classification dataset is empty")
     missing = [c for c in (text_field, label_field) if c not in dataset.column_names]
@@ -79,11 +112,15 @@ def tokenize_classification_dataset(
             f"the dataset has no column(s) {missing} (columns: {dataset.column_names}); set "
             "ClassificationConfig(dataset_text_field=..., label_field=...) to the text and label columns"
         )
-    labels = [_label_index(v, num_labels, label2id, i) for i, v in enumerate(dataset[label_field])]
-    encoded = tokenizer(list(dataset[text_field]), truncation=max_length is not None, max_length=max_length)
+    raw_labels = [row[label_field] for row in rows] if rows is not None else list(dataset[label_field])
+    labels = [_label_index(v, num_labels, label2id, i) for i, v in enumerate(raw_labels)]
+    _check_label_kinds(labels)
+    texts = list(dataset[text_field])
+    _check_texts(texts, text_field)
+    encoded = tokenizer(texts, truncation=max_length is not None, max_length=max_length)
     empty = [i for i, ids in enumerate(encoded["input_ids"]) if not ids]
     if empty:
-        raise DatasetError(f"row {empty[0]} has an empty text ({len(empty)} such rows); drop them")
+        raise DatasetError(f"example {empty[0]} has an empty text ({len(empty)} such examples); drop them")
     return datasets.Dataset.from_dict({"input_ids": encoded["input_ids"], "labels": labels})
 
 
@@ -200,9 +237,9 @@ class ClassificationTrainer(EngineTrainer):
 
     @staticmethod
     def _prepare(dataset, tokenizer, args: ClassificationConfig, model) -> datasets.Dataset:
-        if isinstance(dataset, list):
-            dataset = datasets.Dataset.from_list(dataset)
-        if "input_ids" in dataset.column_names:
+        if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict) and "input_ids" in dataset[0]:
+            dataset = as_dataset(dataset)
+        if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
             if "labels" not in dataset.column_names:
                 raise DatasetError("a tokenized classification dataset needs a 'labels' column next to 'input_ids'")
             for i, value in enumerate(dataset["labels"]):

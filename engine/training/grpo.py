@@ -30,13 +30,28 @@ import torch
 import transformers
 
 from engine.errors import ConfigurationError, DatasetError
-from engine.training.rows import as_dataset
+from engine.training.rows import as_dataset, as_text_or_messages, first_format
 from engine.peft import disable_adapter, lora_modules
 from engine.training.base import EngineTrainer, resolve_config, trainer_inputs
 from engine.training.config import GRPOConfig
 from engine.training.grpo_data import RepeatSampler, completion_log_probs, is_conversational, pad_left, pad_right
 from engine.training.grpo_loss import clip_metrics, group_advantages, grpo_loss, masked_mean, nanstd
 from engine.training.rewards import compute_rewards, reward_function_names, validate_reward_functions
+
+
+def check_prompts(prompts) -> None:
+    """Check a GRPO ``prompt`` column before training (prompts are tokenized at each rollout, too late to name a row).
+
+    Each prompt must be a string, or a non-empty list of ``{"role", "content"}`` messages, all in one format
+    (:func:`engine.training.rows.as_text_or_messages`).
+
+    Raises:
+        DatasetError: naming the first example whose prompt is ``None``, of another type or format, an empty
+            conversation, or a malformed message.
+    """
+    conversational, decided_by = first_format(prompts)
+    for index, prompt in enumerate(prompts):
+        as_text_or_messages(prompt, index, "prompt", conversational, decided_by)
 
 
 def _identity(rows):
@@ -130,6 +145,7 @@ class GRPOTrainer(EngineTrainer):
             raise DatasetError(f"{name} needs a 'prompt' column (strings or lists of messages); it has {dataset.column_names}")
         if len(dataset) == 0:
             raise DatasetError(f"{name} is empty")
+        check_prompts(dataset["prompt"])
         return dataset
 
     @staticmethod

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from engine.errors import ConfigurationError, DatasetError
-from engine.training.rows import as_dataset
-from engine.training.preference_data import _extract_prompt, _is_messages, collate_sequences, prompt_completion_ids
+from engine.training.rows import as_dataset, as_text_or_messages, first_format, map_kwargs
+from engine.training.preference_data import _extract_prompt, collate_sequences, prompt_completion_ids
 
 __all__ = ["UNPAIRED_COLUMNS", "UnpairedPreferenceCollator", "add_kl_completions", "tokenize_unpaired_dataset"]
 
@@ -66,6 +66,10 @@ def _unpair(dataset):
 
     columns = dataset.column_names
     rows = dataset.to_list()
+    conversational, decided_by = first_format([r["chosen"] for r in rows])
+    for index, r in enumerate(rows):
+        for key in ("chosen", "rejected") if "prompt" not in columns else ("prompt", "chosen", "rejected"):
+            as_text_or_messages(r[key], index, key, conversational, decided_by)
     if "prompt" not in columns:
         rows = [
             dict(r, **dict(zip(("prompt", "chosen", "rejected"), _extract_prompt(r["chosen"], r["rejected"]))))
@@ -81,19 +85,12 @@ def _unpair(dataset):
     return datasets.Dataset.from_list(out)
 
 
-def _tokenize_row(example: dict[str, Any], index: int, *, tokenizer, conversational: bool) -> dict[str, Any]:
-    for key in ("prompt", "completion"):
-        if example[key] is None:
-            raise DatasetError(f"example {index} has no {key!r} (None); every example needs prompt and completion")
-        if _is_messages(example[key]) != conversational:
-            raise DatasetError(
-                f"example {index}: {key!r} is {'a list of messages' if _is_messages(example[key]) else 'a string'} "
-                f"but the dataset is {'conversational' if conversational else 'plain text'} (decided by example 0). "
-                "Use one format for prompt and completion in every example: all strings, or all lists of messages "
-                "(completions as [{'role': 'assistant', 'content': ...}])."
-            )
+def _tokenize_row(example: dict[str, Any], index: int, *, tokenizer, conversational: bool, decided_by: int) -> dict:
+    prompt, completion = (
+        as_text_or_messages(example[k], index, k, conversational, decided_by) for k in ("prompt", "completion")
+    )
     prompt_ids, (completion_ids,) = prompt_completion_ids(
-        tokenizer, example["prompt"], [example["completion"]], conversational=conversational, example=example
+        tokenizer, prompt, [completion], conversational=conversational, example=example, index=index
     )
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids}
 
@@ -149,7 +146,8 @@ def tokenize_unpaired_dataset(
     bad = [i for i, v in enumerate(labels) if not isinstance(v, bool)]
     if bad:
         raise DatasetError(
-            f"'label' must be True (desirable) or False (undesirable); example {bad[0]} has {labels[bad[0]]!r} "
+            f"example {bad[0]}: 'label' must be True (desirable) or False (undesirable); example {bad[0]} has "
+            f"{labels[bad[0]]!r} "
             f"({len(bad)} such example(s), first indices {bad[:10]}). Convert the labels, e.g. "
             "dataset.map(lambda r: {'label': r['label'] == 1}) or dataset.cast_column('label', datasets.Value('bool'))."
         )
@@ -161,7 +159,7 @@ def tokenize_unpaired_dataset(
             f"completions and needs both. Add {other} examples (or unpair a prompt/chosen/rejected dataset), or use "
             "loss_type='apo_zero_unpaired', which has no KL term."
         )
-    conversational = _is_messages(dataset[0]["completion"])
+    conversational, decided_by = first_format(dataset["completion"])
     if conversational and getattr(tokenizer, "chat_template", None) is None:
         raise DatasetError(
             "the dataset is conversational (lists of messages) but the tokenizer has no chat template. Set "
@@ -171,24 +169,25 @@ def tokenize_unpaired_dataset(
     tokenized = dataset.map(
         _tokenize_row,
         with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "conversational": conversational},
+        fn_kwargs={"tokenizer": tokenizer, "conversational": conversational, "decided_by": decided_by},
         remove_columns=[c for c in columns if c not in keep],
         num_proc=num_proc,
         desc="Tokenizing unpaired preference data",
+        **map_kwargs(dataset),
     )
     empty = [i for i, ids in enumerate(tokenized["completion_ids"]) if not ids]
     if empty:
         raise DatasetError(
-            f"{len(empty)} example(s) have an empty completion after tokenization (first indices: {empty[:10]}); "
-            "every completion needs at least one token. Remove these examples."
+            f"example {empty[0]}: an empty completion after tokenization ({len(empty)} such example(s), first "
+            f"indices: {empty[:10]}); every completion needs at least one token. Remove these examples."
         )
     if max_length is None:
         return tokenized
     full = [i for i, ids in enumerate(tokenized["prompt_ids"]) if len(ids) >= max_length]
     if full and not drop_truncated:
         raise DatasetError(
-            f"{len(full)} example(s) have a prompt of max_length={max_length} tokens or more, so truncation leaves no "
-            f"completion token to learn from (first indices: {full[:10]}). Raise max_length, shorten or remove these "
+            f"example {full[0]}: a prompt of max_length={max_length} tokens or more, so truncation leaves no "
+            f"completion token to learn from ({len(full)} such example(s), first indices: {full[:10]}). Raise max_length, shorten or remove these "
             "prompts, or drop them (drop_truncated=True, as TRL)."
         )
     if full:

@@ -48,10 +48,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 import torch
 
 from engine.errors import ConfigurationError, DatasetError
-from engine.training.rows import as_dataset
+from engine.training.rows import as_dataset, as_text_or_messages, first_format, map_kwargs
 
 __all__ = [
     "PREFERENCE_COLUMNS",
@@ -94,10 +95,6 @@ def to_conversational_preference(example: Mapping[str, Any], system_prompt: str 
     }
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list)
-
-
 def _common_prefix_length(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -138,7 +135,13 @@ def _truncate(
 
 
 def prompt_completion_ids(
-    tokenizer, prompt: Any, completions: Sequence[Any], *, conversational: bool, example: Mapping[str, Any]
+    tokenizer,
+    prompt: Any,
+    completions: Sequence[Any],
+    *,
+    conversational: bool,
+    example: Mapping[str, Any],
+    index: int | None = None,
 ) -> tuple[list[int], list[list[int]]]:
     """Token ids of a prompt and of each of its completions, as TRL 1.16's DPO and KTO trainers split them.
 
@@ -149,6 +152,7 @@ def prompt_completion_ids(
         conversational: whether ``prompt`` and ``completions`` are messages.
         example: the whole row; its optional ``tools`` (list or JSON string) and ``chat_template_kwargs`` go to the
             chat template.
+        index: the example's index, named by the DatasetError raised when the chat template rejects it.
 
     Returns:
         ``(prompt_ids, [completion_ids, ...])``: the prompt keeps the first ``P`` ids, where ``P`` is the shortest
@@ -158,8 +162,14 @@ def prompt_completion_ids(
         tools = example.get("tools")
         tools = json.loads(tools) if isinstance(tools, str) else tools
         kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
-        full = [_chat_ids(tokenizer, prompt + c, **kwargs) for c in completions]
+        try:
+            prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, **kwargs)
+            full = [_chat_ids(tokenizer, prompt + c, **kwargs) for c in completions]
+        except jinja2.TemplateError as exc:  # the template's own checks (raise_exception) and undefined fields
+            raise DatasetError(
+                f"example {index}: the chat template could not render it: {exc}. Check the roles, their order (many "
+                "templates require user/assistant turns to alternate) and the message fields, or fix the example."
+            ) from exc
     else:
         eos = tokenizer.eos_token
         if eos is not None:
@@ -176,29 +186,20 @@ def _tokenize_example(
     *,
     tokenizer,
     conversational: bool,
+    decided_by: int,
     implicit_prompt: bool,
     max_length: int | None,
     truncation_mode: str,
 ) -> dict[str, Any]:
-    for key in ("chosen", "rejected") if implicit_prompt else PREFERENCE_COLUMNS:
-        if example[key] is None:
-            raise DatasetError(
-                f"example {index} has no {key!r} (None); every example needs prompt, chosen and rejected"
-            )
-        if _is_messages(example[key]) != conversational:
-            raise DatasetError(
-                f"example {index}: {key!r} is {'a list of messages' if _is_messages(example[key]) else 'a string'} "
-                f"but the dataset is {'conversational' if conversational else 'plain text'} (decided by example 0). "
-                "Use one format for prompt, chosen and rejected in every example: all strings, or all lists of "
-                "messages (completions as [{'role': 'assistant', 'content': ...}])."
-            )
-    chosen, rejected = example["chosen"], example["rejected"]
-    prompt = None if implicit_prompt else example["prompt"]
+    keys = ("chosen", "rejected") if implicit_prompt else PREFERENCE_COLUMNS
+    values = {k: as_text_or_messages(example[k], index, k, conversational, decided_by) for k in keys}
+    chosen, rejected = values["chosen"], values["rejected"]
+    prompt = None if implicit_prompt else values["prompt"]
     if implicit_prompt:
         prompt, chosen, rejected = _extract_prompt(chosen, rejected)
 
     prompt_ids, (chosen_ids, rejected_ids) = prompt_completion_ids(
-        tokenizer, prompt, [chosen, rejected], conversational=conversational, example=example
+        tokenizer, prompt, [chosen, rejected], conversational=conversational, example=example, index=index
     )
     status = _EMPTY if not chosen_ids or not rejected_ids else _OK
     prompt_ids, chosen_ids, rejected_ids = _truncate(prompt_ids, chosen_ids, rejected_ids, max_length, truncation_mode)
@@ -266,8 +267,7 @@ def tokenize_preference_dataset(
             "'chosen' and 'rejected' (or only 'chosen' and 'rejected' sharing the prompt as a prefix); rename the "
             "columns with dataset.rename_column(old, new)."
         )
-    first = dataset[0]
-    conversational = _is_messages(first["chosen"])
+    conversational, decided_by = first_format(dataset["chosen"])
     if conversational and getattr(tokenizer, "chat_template", None) is None:
         raise DatasetError(
             "the dataset is conversational (lists of messages) but the tokenizer has no chat template. Set "
@@ -282,6 +282,7 @@ def tokenize_preference_dataset(
         fn_kwargs={
             "tokenizer": tokenizer,
             "conversational": conversational,
+            "decided_by": decided_by,
             "implicit_prompt": implicit_prompt,
             "max_length": max_length,
             "truncation_mode": truncation_mode,
@@ -289,20 +290,22 @@ def tokenize_preference_dataset(
         remove_columns=[c for c in columns if c not in keep],
         num_proc=num_proc,
         desc="Tokenizing preference data",
+        **map_kwargs(dataset),
     )
 
     status = tokenized["_status"]
     empty = [i for i, s in enumerate(status) if s == _EMPTY]
     if empty:
         raise DatasetError(
-            f"{len(empty)} example(s) have an empty chosen or rejected completion after tokenization (first indices: "
-            f"{empty[:10]}); every completion needs at least one token. Remove these examples."
+            f"example {empty[0]}: an empty chosen or rejected completion after tokenization ({len(empty)} such "
+            f"example(s), first indices: {empty[:10]}); every completion needs at least one token. Remove these "
+            "examples."
         )
     truncated = [i for i, s in enumerate(status) if s == _TRUNCATED]
     if truncated and not drop_truncated:
         raise DatasetError(
-            f"{len(truncated)} example(s) have a prompt of max_length={max_length} tokens or more, so truncation "
-            f"leaves no completion token to learn from (first indices: {truncated[:10]}). Raise max_length, shorten "
+            f"example {truncated[0]}: a prompt of max_length={max_length} tokens or more, so truncation leaves no "
+            f"completion token to learn from ({len(truncated)} such example(s), first indices: {truncated[:10]}). Raise max_length, shorten "
             "or remove these prompts, use truncation_mode='keep_end', or drop them (drop_truncated=True, as TRL)."
         )
     if truncated:

@@ -9,6 +9,9 @@ that name the example.
   ``{"from", "value"}`` converted), each with a string role and content (``None`` only next to ``tool_calls``;
   a list of content parts is passed to the template as is).
 
+* :func:`as_text_or_messages` checks one prompt or completion cell (SFT's, DPO's, ORPO's, KTO's, GRPO's) against
+  the dataset's format, decided by :func:`first_format`: a string, or a non-empty conversation (:func:`as_messages`).
+
 Each problem is a :class:`~engine.errors.DatasetError` that starts with ``example <index>``. The table of row kinds
 and outcomes is in ``docs/training.md`` ("Malformed rows").
 """
@@ -24,7 +27,7 @@ import datasets
 
 from engine.errors import DatasetError
 
-__all__ = ["as_dataset", "as_messages", "check_rows", "map_kwargs"]
+__all__ = ["as_dataset", "as_messages", "as_text_or_messages", "check_rows", "first_format", "map_kwargs"]
 
 # ShareGPT speaker names -> chat-template roles (TRL's ``maybe_convert_to_chatml`` mapping).
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -227,4 +230,63 @@ def as_messages(value: Any, index: int, column: str) -> list[dict[str, Any]]:
                 "parts for multimodal templates)"
             )
         messages.append(m)
+    return messages
+
+
+def first_format(values: Sequence[Any]) -> tuple[bool, int]:
+    """Whether a column holds conversations, decided by its first value that is not ``None``.
+
+    Args:
+        values: one column's values (e.g. ``dataset["prompt"]``).
+
+    Returns:
+        ``(conversational, index)``: ``True`` when that value is a list (of messages), and the example it was read
+        from (``0`` when every value is ``None``; :func:`as_text_or_messages` then names the first row).
+    """
+    for index, value in enumerate(values):
+        if value is not None:
+            return isinstance(value, (list, tuple)), index
+    return False, 0
+
+
+def as_text_or_messages(value: Any, index: int, column: str, conversational: bool, decided_by: int = 0):
+    """One prompt or completion: a string, or a non-empty list of chat messages, as the dataset's format says.
+
+    Args:
+        value: the column's value for one example.
+        index (int): the example's index (for the error).
+        column (str): the column's name (for the error).
+        conversational (bool): the dataset's format (from :func:`first_format`): lists of messages, or strings.
+        decided_by (int): the example the format was read from (for the error).
+
+    Returns:
+        the string, or the messages checked by :func:`as_messages`.
+
+    Raises:
+        DatasetError: naming the example: ``None``, a value that is neither a string nor a list, a format other than
+            the dataset's, an empty conversation, or a malformed message.
+    """
+    if value is None:
+        raise DatasetError(
+            f"example {index} has no {column!r} (None); every example needs a {column} "
+            f"({'a list of chat messages' if conversational else 'a string'}); fix or drop this example"
+        )
+    is_list = isinstance(value, (list, tuple))
+    if not is_list and not isinstance(value, str):
+        raise DatasetError(
+            f"example {index}: column '{column}' holds {type(value).__name__}, expected a string or a list of chat "
+            "messages"
+        )
+    if is_list != conversational:
+        raise DatasetError(
+            f"example {index}: {column!r} is {'a list of messages' if is_list else 'a string'} but the dataset is "
+            f"{'conversational' if conversational else 'plain text'} (decided by example {decided_by}). Use one "
+            "format in every example: all strings, or all lists of messages (completions as "
+            "[{'role': 'assistant', 'content': ...}])."
+        )
+    if not is_list:
+        return value
+    messages = as_messages(value, index, column)
+    if not messages:
+        raise DatasetError(f"example {index}: '{column}' is an empty conversation")
     return messages

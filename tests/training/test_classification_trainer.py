@@ -60,7 +60,7 @@ def test_transformers_trainer_trains_the_classifier(tiny_chat_folder, tmp_path):
 
 def test_bad_inputs_are_refused(tiny_chat_folder, hf_folders, tmp_path):
     model, tokenizer = _classifier(tiny_chat_folder)
-    with pytest.raises(DatasetError, match=r"row 1: label 2 is outside \[0, 2\).*num_labels=2"):
+    with pytest.raises(DatasetError, match=r"example 1: label 2 is outside \[0, 2\).*num_labels=2"):
         ClassificationTrainer(model=model, tokenizer=tokenizer, args=_config(tmp_path),
                               train_dataset=[{"text": "a", "label": 0}, {"text": "b", "label": 2}])
     with pytest.raises(DatasetError, match="no column"):
