@@ -35,10 +35,10 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def exact_match(model, tokenizer, rows, is_correct) -> float:
+def exact_match(model, tokenizer, rows, is_correct, max_new_tokens: int = 48) -> float:
     """Fraction of ``rows`` (``task``, ``prompt``) whose greedy answer ``is_correct``."""
     FastModel.for_inference(model)
-    hits = [is_correct(r["task"], r["prompt"], answer(model, tokenizer, r["prompt"])) for r in rows]
+    hits = [is_correct(r["task"], r["prompt"], answer(model, tokenizer, r["prompt"], max_new_tokens)) for r in rows]
     FastModel.for_training(model)
     return sum(hits) / len(hits)
 
@@ -58,6 +58,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-rows", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit when generating")
     args = parser.parse_args(argv)
 
     from engine.data.load import load_jsonl
@@ -70,9 +71,9 @@ def main(argv=None) -> dict:
 
     model, tokenizer = FastModel.from_pretrained(smollm2_gguf_path(), max_seq_length=512)
     model = FastModel.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing=False)
-    before = exact_match(model, tokenizer, held_out, is_correct)
+    before = exact_match(model, tokenizer, held_out, is_correct, args.max_new_tokens)
     print(f"held-out exact match before fine-tuning: {before:.0%}  (e.g. {held_out[0]['prompt']!r} -> "
-          f"{answer(model, tokenizer, held_out[0]['prompt'])!r})")
+          f"{answer(model, tokenizer, held_out[0]['prompt'], args.max_new_tokens)!r})")
 
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
@@ -91,9 +92,9 @@ def main(argv=None) -> dict:
         trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=train, args=config)
         trainer.train()
 
-    after = exact_match(model, tokenizer, held_out, is_correct)
+    after = exact_match(model, tokenizer, held_out, is_correct, args.max_new_tokens)
     print(f"held-out exact match after fine-tuning:  {after:.0%}  (e.g. {held_out[0]['prompt']!r} -> "
-          f"{answer(model, tokenizer, held_out[0]['prompt'])!r}, expected {held_out[0]['completion']!r})")
+          f"{answer(model, tokenizer, held_out[0]['prompt'], args.max_new_tokens)!r}, expected {held_out[0]['completion']!r})")
     return {"before": before, "after": after, "summary": trainer.training_summary, "model": model, "tokenizer": tokenizer}
 
 
