@@ -85,7 +85,8 @@ def main() -> None:
                         embeds.clone().requires_grad_(True))
 
     logits = hf64(inputs_embeds=e64, attention_mask=mask, position_ids=positions).logits
-    loss64 = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), hf_labels[:, 1:].flatten(), ignore_index=-100)
+    loss64 = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), hf_labels[:, 1:].flatten(),
+                                               ignore_index=-100)
     loss32 = hf32(inputs_embeds=e32, attention_mask=mask, position_ids=positions, labels=hf_labels).loss
     loss_ours = ours(inputs_embeds=e_ours, attention_mask=mask, labels=labels).loss
     for loss in (loss64, loss32, loss_ours):

@@ -178,7 +178,7 @@ def test_left_padding_first_target_is_a_deliberate_difference(hf_folders):
     assert_close_rel(ours_loss, hf_dropped, what="engine vs transformers without the first target")
     for name, kept in (("sdpa", hf_sdpa), ("eager", hf_eager)):
         assert abs(kept - ours_loss) > 1e-3 * ours_loss, f"transformers ({name}) no longer trains on the first target"
-    assert abs(hf_sdpa - hf_eager) > 1e-3 * hf_sdpa, "transformers' pad-position prediction no longer depends on SDPA/eager"
+    assert abs(hf_sdpa - hf_eager) > 1e-3 * hf_sdpa, "transformers' pad-position output no longer depends on SDPA/eager"
 
     rows = [{"input_ids": ids[i, first[i]:]} for i in range(len(first))]
     batch = PaddedCollator(pad_token_id=0, padding_side="left")(rows)
