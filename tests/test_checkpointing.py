@@ -38,6 +38,7 @@ def _batch(seed=0):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the context carries a key padding mask too
     labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 3] = -100  # the first real token after left padding is no target (as the collators write it)
     return ids, mask, labels
 
 

@@ -280,6 +280,26 @@ def _lengths_from_cu_seq_lens(cu_seq_lens: torch.Tensor, s: int) -> tuple[int, .
     return lengths
 
 
+def drop_targets_after_leading_padding(labels: torch.Tensor, key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """Labels with -100 wherever the predicting position has seen no real token (left padding).
+
+    Label ``t`` is predicted at position ``t - 1``. In a left-padded row the last pad position predicts the
+    first real token while attending to no real key, so its output is undefined (transformers' value depends
+    on the attention implementation); the engine drops that target instead (docs/parity.md). Right padding
+    and rows without padding are unchanged.
+
+    Args:
+        labels (Tensor): int64 ``[b, s]`` (not shifted).
+        key_padding_mask (Tensor): bool ``[b, s]``, true for real tokens.
+
+    Returns:
+        int64 ``[b, s]``.
+    """
+    seen = key_padding_mask.to(labels.device).long().cumsum(-1) > 0
+    unseen_before = torch.nn.functional.pad(~seen[:, :-1], (1, 0), value=False)
+    return labels.masked_fill(unseen_before, -100)
+
+
 def _longest_position(position_ids: torch.Tensor) -> int:
     """Largest position id + 1 (one host sync); on ``meta`` tensors (memory planning), the row length."""
     if position_ids.device.type == "meta":
@@ -483,7 +503,9 @@ class CausalLM(nn.Module):
                 treated as packed documents that never attend to each other (when no
                 ``attention_mask`` is given).
             labels (Tensor, optional): int64 ``[b, s]``; shifted inside (token ``t`` predicts
-                ``labels[t + 1]``); -100 is ignored. The loss is the mean over predicted tokens.
+                ``labels[t + 1]``); -100 is ignored. The loss is the mean over predicted tokens. With left
+                padding the first real token is not a target (it would be predicted from a pad position
+                that sees no real token; transformers keeps it, see docs/parity.md).
             num_items_in_batch: divide the summed loss by this instead (gradient accumulation).
             return_logits (bool, optional): also return logits when computing a loss. By default
                 (``None``) logits are returned when no labels are given or the model is in eval mode
@@ -524,7 +546,8 @@ class CausalLM(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits)
 
     def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cu_seq_lens=None):
-        """Final-norm hidden states ``[b, s, d]`` and the labels with packed-document starts masked."""
+        """Final-norm hidden states ``[b, s, d]`` and the labels with packed-document starts (and targets after
+        leading padding) masked."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigurationError("pass exactly one of input_ids or inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -548,6 +571,8 @@ class CausalLM(nn.Module):
         if (ctx.doc_ids is not None or ctx.doc_lengths is not None) and labels is not None:
             # The first token of each packed document must not be predicted from the previous document.
             labels = labels.masked_fill(position_ids == 0, -100)
+        if ctx.key_padding_mask is not None and labels is not None and cache is None:
+            labels = drop_targets_after_leading_padding(labels, ctx.key_padding_mask)
         policy = training_policy(self, x)  # None: no layer recomputed (eval, no_grad, off); resolves "auto" once
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx) if policy is None else policy.run_layer(i, layer, x, ctx)
@@ -567,7 +592,8 @@ class CausalLM(nn.Module):
             labels (Tensor): int64 ``[b, s]``, -100 where no log-prob is wanted. Aligned with
                 ``input_ids`` (not shifted): ``out[:, t]`` is ``log p(labels[:, t] | tokens < t)``.
             attention_mask, position_ids: as in :meth:`forward` (restarting position ids mean
-                packed documents; the first token of each document gets no log-prob).
+                packed documents; the first token of each document, and of a left-padded row, gets no
+                log-prob).
 
         Returns:
             float32 ``[b, s]``: the log-probabilities, 0 at ``t = 0`` and wherever the label is -100.

@@ -208,11 +208,13 @@ def test_causal_lm_token_log_probs_equals_full_logits(hf_folders):
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding
     labels[1, :2] = IGNORE
+    after_padding = labels.clone()
+    after_padding[1, 2] = IGNORE  # the first real token after left padding gets no log-prob (docs/parity.md)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     for attention_mask in (None, mask):
         got = model.token_log_probs(ids, labels, attention_mask=attention_mask)
-        want = _full_logits_log_probs(model, ids, labels, attention_mask)
+        want = _full_logits_log_probs(model, ids, labels if attention_mask is None else after_padding, attention_mask)
         assert got.shape == ids.shape and got.dtype == torch.float32
         assert_close(got, want, torch.float32, "model.token_log_probs", reduction=True)
         assert torch.count_nonzero(got[:, 0]) == 0
