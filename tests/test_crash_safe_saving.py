@@ -1,5 +1,5 @@
 """A save killed half-way (SIGKILL after N bytes of the new save are written) leaves the previous save intact and
-loadable, and a trainer resumes from the last complete checkpoint after such a kill.
+loadable, and a trainer resumes from the last complete checkpoint after such a kill; a resume never unpickles code.
 
 The kill runs in a child process: its ``safetensors`` writer is replaced (in the child only) by one that writes the
 first N bytes of the real file and then sends SIGKILL to its own process, so the process dies in the middle of
@@ -161,3 +161,17 @@ def test_resume_after_a_kill_uses_the_last_complete_checkpoint(tiny_chat_folder,
     assert trainer.state.global_step == 3
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
+
+    # Nothing a resume loads is unpickled: an optimizer.pt whose pickle would run code is refused, unrun.
+    marker = tmp_path / "payload-ran"
+
+    class _Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": _Payload()}, out / "checkpoint-2" / "optimizer.pt")
+    model, tok = _lora_model(tiny_chat_folder)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert not marker.exists()
