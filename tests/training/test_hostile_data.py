@@ -8,12 +8,12 @@ among well-formed rows at a random position.
 from __future__ import annotations
 
 import random
-import re
 import warnings
 
 import pytest
 
-from engine.errors import DatasetError, EngineError
+from engine.errors import DatasetError
+from tests.training.hostile import prepared_or_checked_error
 from engine.training.sft_data import tokenize_sft_dataset
 
 
@@ -81,19 +81,8 @@ def test_every_kind_of_malformed_row_has_its_documented_outcome(tokenizer):
         rows = [_good(rng) for _ in range(rng.randint(2, 4))]  # well-formed rows are the majority
         position = rng.randint(0, len(rows))
         rows.insert(position, make(rng))
-        try:
-            out = _run(rows, tokenizer)
-        except DatasetError as exc:
-            assert outcome == "error", f"{kind}: expected {outcome}, got DatasetError: {exc}"
-            message = str(exc)
-            found = re.match(r"example (\d+)", message)
-            assert found, f"{kind}: the error does not start by naming the example: {message}"
-            assert int(found.group(1)) == position, f"{kind}: the malformed row is example {position}: {message}"
-            assert re.search(expected, message), f"{kind}: {message!r} does not match {expected!r}"
-        except EngineError as exc:
-            pytest.fail(f"{kind}: {type(exc).__name__} instead of DatasetError: {exc}")
-        else:
-            assert outcome == "ok", f"{kind}: expected an error matching {expected!r}, got {len(out)} rows"
+        out = prepared_or_checked_error(lambda: _run(rows, tokenizer), position, outcome, expected, kind)
+        if out is not None:
             assert len(out) == len(rows) - 1 + expected
             assert all(len(ids) <= 64 for ids in out["input_ids"])
         seen[kind] += 1

@@ -10,12 +10,12 @@ position. DPO and ORPO share one preparation (``tokenize_preference_dataset``); 
 from __future__ import annotations
 
 import random
-import re
 import warnings
 
 import pytest
 
-from engine.errors import DatasetError, EngineError
+from engine.errors import DatasetError
+from tests.training.hostile import prepared_or_checked_error
 from engine.training.classification import tokenize_classification_dataset
 from engine.training.grpo import GRPOTrainer
 from engine.training.kto_data import tokenize_unpaired_dataset
@@ -231,19 +231,9 @@ def test_every_kind_of_malformed_row_has_its_documented_outcome(trainer, smollm2
         rows = [good(rng) for _ in range(rng.randint(2, 4))]  # well-formed rows are the majority
         position = rng.randint(0, len(rows))
         rows.insert(position, make(rng, good))
-        try:
-            out = prepare(rows, smollm2_tokenizer)
-        except DatasetError as exc:
-            message = str(exc)
-            assert outcome == "error", f"{trainer}, {kind}: expected {outcome}, got DatasetError: {message}"
-            found = re.match(r"example (\d+)", message)
-            assert found, f"{trainer}, {kind}: the error does not start by naming the example: {message}"
-            assert int(found.group(1)) == position, f"{trainer}, {kind}: the malformed row is example {position}: {message}"
-            assert re.search(expected, message), f"{trainer}, {kind}: {message!r} does not match {expected!r}"
-        except EngineError as exc:
-            pytest.fail(f"{trainer}, {kind}: {type(exc).__name__} instead of DatasetError: {exc}")
-        else:
-            assert outcome == "ok", f"{trainer}, {kind}: expected an error matching {expected!r}, got {len(out)} rows"
+        out = prepared_or_checked_error(lambda: prepare(rows, smollm2_tokenizer), position, outcome, expected,
+                                        f"{trainer}, {kind}")
+        if out is not None:
             assert len(out) == len(rows)
             if "input_ids" in out.column_names:  # classification truncates texts
                 assert max(len(ids) for ids in out["input_ids"]) <= MAX_LENGTH, (trainer, kind)
