@@ -47,7 +47,7 @@ TRITON_OPS: frozenset[str] = frozenset(
 #: Every op behind this dispatch point.
 OPS = (
     "rms_norm", "rope", "swiglu", "geglu", "lora_linear", "nf4_dequantize", "attention", "cross_entropy",
-    "token_log_probs",
+    "token_log_probs", "grouped_mm",
 )
 
 @dataclass(frozen=True)

@@ -1,0 +1,173 @@
+"""Grouped matrix multiply: one weight matrix per group of consecutive rows (mixture-of-experts experts).
+
+The rows of ``x`` are sorted by group (expert); group ``g`` owns rows ``[o_g, o_g + sizes[g])`` where ``o_g`` is the
+sum of the earlier sizes. For each group::
+
+    y[rows_g] = x[rows_g] @ w[g].T          x [T, K], w [E, N, K] (transformers' expert layout), y [T, N]
+
+Backward::
+
+    dx[rows_g] = dy[rows_g] @ w[g]          (a grouped matmul with ``w[g]`` not transposed)
+    dw[g]      = dy[rows_g].T @ x[rows_g]   (the grouped weight gradient, only when ``w`` trains)
+
+Groups may be empty. ``sizes`` is a tuple of host integers (one device-to-host copy per MoE layer, made by the
+caller when it sorts tokens by expert).
+
+Implementations: the PyTorch one (CPUs, and the reference) multiplies each non-empty group's slice with one
+``torch.mm`` — a loop over experts, never over tokens. :func:`grouped_mm_nf4` is the same product with the weights
+stored as one NF4 tensor per expert (QLoRA): each expert is dequantized when its group is multiplied, in forward
+and again in backward, so no dense copy of the expert stack is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine_kernels.dispatch import select_backend
+from engine_kernels.errors import ConfigurationError
+from engine_kernels.nf4 import NF4Weight, nf4_dequantize
+
+
+def _check(x: torch.Tensor, n_groups: int, sizes: Sequence[int], k: int) -> tuple[int, ...]:
+    sizes = tuple(int(s) for s in sizes)
+    if x.dim() != 2:
+        raise ConfigurationError(f"grouped_mm expects x of shape [rows, in], got {tuple(x.shape)}")
+    if len(sizes) != n_groups or any(s < 0 for s in sizes) or sum(sizes) != x.shape[0]:
+        raise ConfigurationError(
+            f"grouped_mm: sizes {sizes[:8]} must give one non-negative row count per expert ({n_groups}) summing to "
+            f"the {x.shape[0]} rows of x"
+        )
+    if x.shape[1] != k:
+        raise ConfigurationError(f"grouped_mm: x has {x.shape[1]} columns, the expert weights take {k}")
+    return sizes
+
+
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """The definition, with autograd: ``cat([x_g @ w[g].T for each group g])`` (``[T, N]``)."""
+    sizes = _check(x, w.shape[0], sizes, w.shape[2])
+    parts = [xg @ w[g].T for g, xg in enumerate(torch.split(x, list(sizes)))]
+    return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
+
+
+def grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...], transpose_w: bool = True) -> torch.Tensor:
+    """``x_g @ w[g].T`` per group (``transpose_w``; ``w [E, N, K]``) or ``x_g @ w[g]`` (``w [E, K, N]``), no autograd.
+
+    Returns:
+        ``[T, N]`` in ``x``'s dtype.
+    """
+    n = w.shape[1] if transpose_w else w.shape[2]
+    out = x.new_empty(x.shape[0], n)
+    start = 0
+    for g, size in enumerate(sizes):
+        if size:
+            wg = w[g].T if transpose_w else w[g]
+            torch.mm(x[start:start + size], wg, out=out[start:start + size])
+        start += size
+    return out
+
+
+def grouped_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+    """``dw[g] = dy_g.T @ x_g`` (``[E, N, K]``; zero for empty groups), no autograd."""
+    dw = dy.new_zeros(len(sizes), dy.shape[1], x.shape[1])
+    start = 0
+    for g, size in enumerate(sizes):
+        if size:
+            torch.mm(dy[start:start + size].T, x[start:start + size], out=dw[g])
+        start += size
+    return dw
+
+
+def _forward(x, w, sizes, transpose_w=True):
+    if select_backend("grouped_mm", x.device) == "triton":
+        from engine_kernels.grouped_gemm_triton import grouped_mm_triton
+
+        return grouped_mm_triton(x, w, sizes, transpose_w)
+    return grouped_mm_torch(x, w, sizes, transpose_w)
+
+
+def _weight_grad(dy, x, sizes):
+    if select_backend("grouped_mm", dy.device) == "triton":
+        from engine_kernels.grouped_gemm_triton import grouped_weight_grad_triton
+
+        return grouped_weight_grad_triton(dy, x, sizes)
+    return grouped_weight_grad_torch(dy, x, sizes)
+
+
+class GroupedMMFunction(torch.autograd.Function):
+    """Autograd Function of :func:`grouped_mm`: saves ``x`` only when ``w`` trains and ``w`` only when ``x`` does."""
+
+    @staticmethod
+    def forward(ctx, x, w, sizes):
+        ctx.sizes = sizes
+        ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None)
+        return _forward(x, w, sizes)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = _forward(dy, w, ctx.sizes, transpose_w=False) if ctx.needs_input_grad[0] else None
+        dw = _weight_grad(dy, x, ctx.sizes) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``y[rows_g] = x[rows_g] @ w[g].T`` for rows sorted by group; see the module docstring.
+
+    Args:
+        x (Tensor): ``[T, K]``, rows sorted by group.
+        w (Tensor): ``[E, N, K]``, same dtype as ``x``.
+        sizes: ``E`` host integers, the rows of each group (summing to ``T``; zeros allowed).
+
+    Returns:
+        Tensor ``[T, N]``.
+    """
+    sizes = _check(x, w.shape[0], sizes, w.shape[2])
+    if x.dtype != w.dtype:
+        raise ConfigurationError(f"grouped_mm: x is {x.dtype} but the expert weights are {w.dtype}; cast one of them")
+    return GroupedMMFunction.apply(x.contiguous(), w.contiguous(), sizes)
+
+
+class GroupedMMNF4Function(torch.autograd.Function):
+    """:func:`grouped_mm` with frozen NF4 experts: each expert dequantized on use (forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, experts):
+        ctx.sizes, ctx.experts = sizes, experts
+        n = experts[0].shape[0]
+        out = x.new_empty(x.shape[0], n)
+        start = 0
+        for g, size in enumerate(sizes):
+            if size:
+                wg = nf4_dequantize(experts[g], dtype=x.dtype)
+                torch.mm(x[start:start + size], wg.T, out=out[start:start + size])
+            start += size
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        dy = dy.contiguous()
+        k = ctx.experts[0].shape[1]
+        dx = dy.new_empty(dy.shape[0], k)
+        start = 0
+        for g, size in enumerate(ctx.sizes):
+            if size:
+                wg = nf4_dequantize(ctx.experts[g], dtype=dy.dtype)
+                torch.mm(dy[start:start + size], wg, out=dx[start:start + size])
+            start += size
+        return dx, None, None
+
+
+def grouped_mm_nf4(x: torch.Tensor, experts: Sequence[NF4Weight], sizes: Sequence[int]) -> torch.Tensor:
+    """:func:`grouped_mm` with ``w[g]`` stored as ``experts[g]`` (NF4, each ``[N, K]``), frozen (QLoRA).
+
+    Returns:
+        Tensor ``[T, N]`` in ``x``'s dtype (each expert dequantized to it).
+    """
+    experts = tuple(experts)
+    sizes = _check(x, len(experts), sizes, experts[0].shape[1])
+    return GroupedMMNF4Function.apply(x.contiguous(), sizes, experts)
