@@ -124,9 +124,9 @@ def check_trainer_fsdp(model: nn.Module, args) -> None:
             "the engine supports FSDP2 only (fsdp_config={'version': 2}); FSDP1's flattened parameters are not "
             "supported. Use FSDP2, or DDP (drop fsdp)."
         )
-    from engine.peft import lora_modules
+    from engine.peft import has_adapters
 
-    if not lora_modules(model):
+    if not has_adapters(model):
         raise ConfigurationError(
             "fsdp with full fine-tuning is not supported by the engine's trainers (checkpoints are saved as LoRA "
             "adapters from the gathered state). Add LoRA with FastModel.get_peft_model, or use DDP (drop fsdp)."

@@ -24,7 +24,9 @@ from engine.models.families import family_for_model_type
 from engine.models.transformer import CausalLM
 from engine.modules import checkpointing
 from engine.modules.checkpointing import CheckpointChoice, CheckpointPolicy
-from engine.peft import LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules
+from engine.peft import (
+    LoraSettings, add_lora, load_adapter_state_dict, resolve_target_modules, resolve_target_parameters,
+)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -186,7 +188,7 @@ class FastModel:
             family = family_for_model_type(getattr(hf_config, "model_type", None))
             text_config = family.text_config(hf_config)
             model_args_from_hf_config(text_config)  # architecture check before touching weights
-            tensors = iter_safetensors(safetensors_files(source), device="cpu")
+            tensors = family.checkpoint_tensors(iter_safetensors(safetensors_files(source), device="cpu"), text_config)
             if text_config is not hf_config:
                 print(f"engine: {source.name} is a multimodal {hf_config.model_type} checkpoint; loading its text "
                       "model only (the vision tower is skipped)")
@@ -247,7 +249,7 @@ class FastModel:
         """Load a PEFT-format LoRA adapter (ours or PEFT's) into ``model``, adding adapters first if it has none."""
         from safetensors.torch import load_file
 
-        from engine.peft import lora_modules
+        from engine.peft import has_adapters
 
         folder = Path(adapter_dir)
         config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -261,13 +263,14 @@ class FastModel:
                 f"{folder} holds a sequence-classification adapter (with a score head); load it with "
                 f"FastModel.from_pretrained({str(folder)!r}) or onto a model loaded with num_labels=N"
             )
-        if not lora_modules(model):
+        if not has_adapters(model):
             FastModel.get_peft_model(
                 model,
                 r=config["r"],
                 lora_alpha=config["lora_alpha"],
                 lora_dropout=config.get("lora_dropout", 0.0),
-                target_modules=config["target_modules"],
+                target_modules=config["target_modules"] or [],
+                target_parameters=config.get("target_parameters") or [],
                 use_rslora=config.get("use_rslora", False),
                 use_gradient_checkpointing=False,
             )
@@ -287,6 +290,7 @@ class FastModel:
         bias: str = "none",
         tiled_mlp: bool | int | str = False,
         memory_budget_gb: float | None = None,
+        target_parameters=None,
         **unused,
     ) -> CausalLM:
         """Freeze the base model and add LoRA adapters (PEFT-compatible initialisation and scaling).
@@ -296,7 +300,9 @@ class FastModel:
             r (int): adapter rank. lora_alpha (float): scale numerator (``alpha / r``).
             lora_dropout (float): dropout on the adapters' input.
             target_modules: projection names, or ``"all-linear"``; default ``None``: every projection of the model's
-                family (Llama-shaped: q/k/v/o/gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj).
+                family (Llama-shaped: q/k/v/o/gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj;
+                mixture of experts: the attention projections, a dense layer's MLP, and the experts, see
+                ``target_parameters``).
             use_rslora (bool): scale by ``alpha / sqrt(r)``.
             use_gradient_checkpointing: which decoder layers are recomputed in backward (gradient checkpointing:
                 less memory, more time; the loss and gradients are the same). ``"auto"`` (default): the memory
@@ -317,6 +323,10 @@ class FastModel:
                 training step may use in all, weights included, compared with the planned peak. Default: the
                 model's own memory plus 80% of what is free now (free CUDA memory on a GPU, ``MemAvailable`` on
                 CPU). Pin it to make the choice independent of the machine.
+            target_parameters: mixture-of-experts models: weights adapted in PEFT's ``target_parameters`` form,
+                from ``"experts.gate_up_proj"``, ``"experts.down_proj"`` (every expert's projections, one rank-``r``
+                adapter per expert) and ``"gate.weight"`` (the router). Default ``None``: both expert projections when
+                ``target_modules`` is ``None``/``"all-linear"``, else none. These need ``lora_dropout=0`` (as PEFT).
 
         Returns:
             The same model object, now with trainable adapters.
@@ -345,7 +355,11 @@ class FastModel:
             r=r,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
-            target_modules=resolve_target_modules(target_modules, model.args.family.lora_targets),
+            target_modules=resolve_target_modules(target_modules, model.args.family.lora_targets)
+            if target_modules != [] or not target_parameters else [],
+            target_parameters=resolve_target_parameters(
+                target_parameters, model.args.family.lora_parameters, lora_dropout, target_modules
+            ),
             use_rslora=use_rslora,
             modules_to_save=heads,
             task_type=getattr(model, "peft_task_type", "CAUSAL_LM"),

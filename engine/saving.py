@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 from engine.errors import ConfigurationError
 from engine.files import PARTIAL_MARK, StagedFolder
 from engine.modules.linear import Linear
-from engine.peft import adapter_state_dict, lora_modules
+from engine.modules.moe import EXPERT_PROJECTIONS, Experts
+from engine.peft import adapter_state_dict, has_adapters
 
 SAVE_METHODS = ("merged_16bit", "merged_32bit", "lora")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -56,12 +57,12 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, st
     """
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None and not lora_modules(model):
+    if state_dict is not None and not has_adapters(model):
         raise ConfigurationError(
             "save_pretrained(state_dict=...) writes LoRA adapters; this model has none. Save the unsharded model "
             "with save_pretrained_merged."
         )
-    if not lora_modules(model):
+    if not has_adapters(model):
         save_pretrained_merged(model, out, tokenizer, save_method="merged_32bit" if model.dtype == torch.float32 else "merged_16bit", **kwargs)
         return
     config = model.lora_settings.to_peft_config(model.name_or_path)
@@ -74,7 +75,15 @@ def save_pretrained(model, save_directory: str | os.PathLike, tokenizer=None, st
 
 
 def _merged_tensors(model, dtype: torch.dtype):
-    """Yield ``(hf_name, tensor)`` for every weight of the merged model, in ``dtype``."""
+    """Yield ``(hf_name, tensor)`` for every weight of the merged model, in ``dtype``, under the checkpoint's names
+    (mixture-of-experts models: one tensor per expert, as the hub's checkpoints and transformers store them)."""
+    family = model.args.family
+    for name, tensor in _merged_parameters(model, dtype):
+        yield from family.saved_tensors(name, tensor)
+
+
+def _merged_parameters(model, dtype: torch.dtype):
+    """``(engine parameter name, merged tensor in dtype)`` for every weight."""
     tied = model.args.tie_word_embeddings
     seen_modules: set[str] = set()
     for name, module in model.named_modules():
@@ -85,6 +94,10 @@ def _merged_tensors(model, dtype: torch.dtype):
             yield f"{name}.weight", module.merged_weight(dtype)
             if module.bias is not None:
                 yield f"{name}.bias", module.bias.detach().to(dtype)
+        elif isinstance(module, Experts):
+            seen_modules.add(name)
+            for projection in EXPERT_PROJECTIONS:
+                yield f"{name}.{projection}", module.merged_weight(projection, dtype)
     for name, param in model.named_parameters():
         module_name = name.rpartition(".")[0]
         if module_name in seen_modules or name.split(".")[-1] in ("lora_A", "lora_B"):

@@ -78,16 +78,56 @@ FAMILY_CONFIGS = {
 }
 
 
+# Mixture of experts (issue 18): odd sizes, 5 experts; Qwen3-MoE with a dense layer (mlp_only_layers) and, in the
+# second variant, unnormalised top-k weights and experts every other layer (decoder_sparse_step=2).
+_MOE_COMMON = dict(vocab_size=67, hidden_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-6)
+
+MOE_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        **_MOE_COMMON, intermediate_size=22, num_local_experts=5, num_experts_per_tok=2, router_jitter_noise=0.0,
+        sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=0.3,
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_MOE_COMMON, head_dim=12, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
+        num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False,
+        router_aux_loss_coef=0.3,
+    ),
+    "qwen3_moe_step2": lambda: transformers.Qwen3MoeConfig(
+        **_MOE_COMMON, head_dim=12, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=True,
+        router_aux_loss_coef=0.3,
+    ),
+}
+
+
 def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
-    """A random transformers model of ``family`` in fp32, eval mode (the test oracle)."""
+    """A random transformers model of ``family`` (a key of ``FAMILY_CONFIGS`` or ``MOE_CONFIGS``) in fp32, eval mode
+    (the test oracle)."""
     torch.manual_seed(seed)
-    config = FAMILY_CONFIGS[family]()
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = {**FAMILY_CONFIGS, **MOE_CONFIGS}[family]()
+    # Experts: transformers' default "grouped_mm" needs 16-byte-aligned strides that odd sizes do not have on CPU.
+    extra = {"experts_implementation": "eager"} if family in MOE_CONFIGS else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
     with torch.no_grad():  # norms initialise to a constant; random ones make the norm math visible
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(torch.randn(p.shape) * 0.2)
+            elif name.endswith("mlp.gate.weight"):  # routers: spread the routing over every expert
+                p.copy_(torch.randn(p.shape))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def moe_folders(tmp_path_factory) -> dict[str, Path]:
+    """``{family: folder}`` with each tiny mixture-of-experts model saved by transformers (one tensor per expert)."""
+    root = tmp_path_factory.mktemp("moe_models")
+    folders = {}
+    for family in MOE_CONFIGS:
+        folder = root / family
+        make_hf_model(family).save_pretrained(folder, safe_serialization=True)
+        folders[family] = folder
+    return folders
 
 
 @pytest.fixture(scope="session")

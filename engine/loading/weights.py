@@ -14,6 +14,7 @@ import torch.nn as nn
 from engine.errors import CheckpointError
 from engine.models.transformer import CausalLM
 from engine.modules.linear import Linear
+from engine.modules.moe import Experts
 from engine_kernels.nf4 import nf4_quantize
 
 #: Checkpoint entries that carry no weights (derived buffers some exporters write).
@@ -42,8 +43,8 @@ def load_weights(
         tensors: ``(hf_name, tensor)`` pairs, in any order.
         dtype: dtype of the materialised floating-point weights.
         device: where they go.
-        load_in_4bit (bool): store decoder-layer projection weights as NF4 (embeddings,
-            norms and ``lm_head`` stay in ``dtype``, as bitsandbytes-based QLoRA does).
+        load_in_4bit (bool): store decoder-layer projection weights as NF4, experts one NF4 tensor per expert
+            (embeddings, norms, routers and ``lm_head`` stay in ``dtype``, as bitsandbytes-based QLoRA does).
         double_quant (bool): also quantize the NF4 absmax values (saves ~0.4 bit/param).
         source (str): name of the checkpoint, for error messages.
 
@@ -75,9 +76,13 @@ def load_weights(
         module_name, leaf = _split(name)
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        if load_in_4bit and isinstance(module, Linear) and leaf == "weight" and module_name.startswith("model.layers."):
+        is_router = module_name.endswith(".mlp.gate")  # kept dense, as bitsandbytes-based QLoRA keeps it
+        if load_in_4bit and isinstance(module, Linear) and leaf == "weight" and module_name.startswith("model.layers.") \
+                and not is_router:
             module.weight = None
             module._set_nf4(nf4_quantize(value, double_quant=double_quant))
+        elif load_in_4bit and isinstance(module, Experts):
+            module.quantize_nf4_(leaf, value, double_quant=double_quant)  # one NF4 tensor per expert slice
         else:
             setattr(module, leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))
         loaded.add(name)

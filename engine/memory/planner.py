@@ -707,7 +707,7 @@ def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Cal
 
     from engine.models.transformer import CausalLM
     from engine.modules.linear import Linear
-    from engine.peft import add_lora, lora_modules
+    from engine.peft import add_lora, has_adapters
 
     args, dtype = model.args, model.dtype
     if num_layers is not None and num_layers != args.num_layers:
@@ -718,7 +718,7 @@ def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Cal
         for name, m in model.named_modules()
         if isinstance(m, Linear) and m.is_quantized
     }
-    settings = getattr(model, "lora_settings", None) if lora_modules(model) else None
+    settings = getattr(model, "lora_settings", None) if has_adapters(model) else None
     if settings is not None and settings.modules_to_save:  # a classifier is planned as its causal LM (head swapped)
         settings = dataclasses.replace(settings, modules_to_save=[])
     real = {name: (p.dtype, p.requires_grad) for name, p in model.named_parameters()}  # no reference to the weights

@@ -227,9 +227,9 @@ class CausalLMForSequenceClassification(CausalLM):
         Raises:
             ConfigurationError: ``lm`` already has LoRA adapters (add the head first, then LoRA).
         """
-        from engine.peft import lora_modules
+        from engine.peft import has_adapters
 
-        if lora_modules(lm):
+        if has_adapters(lm):
             raise ConfigurationError(
                 "this model already has LoRA adapters; load it with FastModel.from_pretrained(..., num_labels=N) "
                 "and call FastModel.get_peft_model afterwards"

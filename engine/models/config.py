@@ -47,6 +47,12 @@ class ModelArgs:
             the short ones.
         fused_qkv: one ``qkv_proj`` projection ``[(h + 2 kv) * hd, d]`` instead of q/k/v (Phi-3).
         fused_gate_up: one ``gate_up_proj`` projection ``[2 * intermediate, d]`` (gate rows first) instead of two.
+        num_experts: experts per sparse layer (0: a dense model); ``experts_per_token``: how many each token is
+            routed to (top-k); ``expert_intermediate_size``: one expert's intermediate size.
+        sparse_layers: per layer, whether it holds experts (mixture-of-experts families) or a dense MLP.
+        norm_topk_prob: the top-k routing weights are renormalised to sum to 1.
+        router_aux_loss_coef: weight of the load-balancing loss added to the loss when ``output_router_logits``.
+        output_router_logits: the default of ``forward(output_router_logits=...)`` (the config's, off by default).
         tie_word_embeddings: ``lm_head`` shares the input embedding matrix.
         inv_freq: fp32 ``[head_dim // 2]`` RoPE inverse frequencies (scaling already applied).
         rope_attention_scaling: multiplier of cos/sin (1.0 except for some RoPE scalings).
@@ -84,6 +90,13 @@ class ModelArgs:
     long_rope_threshold: int | None = None
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    sparse_layers: list[bool] = field(default_factory=list)
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
 
     def __post_init__(self):
         if self.rotary_dim is None:

@@ -18,6 +18,7 @@ from engine.errors import ConfigurationError, SequenceTooLongError
 from engine.models.config import ModelArgs
 from engine.modules.checkpointing import current_policy, training_policy
 from engine.modules.linear import Linear, glu_mlp, project, tiled_glu_mlp
+from engine.modules.moe import SparseMoeBlock, load_balancing_loss
 from engine_kernels.attention import attention
 from engine_kernels.cross_entropy import fused_linear_cross_entropy
 from engine_kernels.glu import glu_activation
@@ -61,6 +62,8 @@ class AttentionContext:
             (:func:`engine_kernels.attention.packed_layout`), built once here and shared by every layer.
         cache: a :class:`~engine.models.generation.KVCache` during generation, else ``None``.
         workspace: the model's buffer that NF4 base weights are dequantized into (one at a time).
+        router_logits: when the forward returns router logits (``output_router_logits``), the list every sparse
+            layer appends its ``[b * s, E]`` router logits to; else ``None``.
     """
 
     cos: torch.Tensor
@@ -73,6 +76,7 @@ class AttentionContext:
     layout: PackedLayout | None = None
     cache: object | None = None
     workspace: DequantWorkspace | None = None
+    router_logits: list | None = None
 
 
 class Attention(nn.Module):
@@ -198,7 +202,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(d, eps, device, dtype, offset)
         self.self_attn = Attention(args, layer_idx, device, dtype)
         self.post_attention_layernorm = RMSNorm(d, eps, device, dtype, offset)
-        self.mlp = MLP(args, device, dtype)
+        self.sparse = bool(args.sparse_layers and args.sparse_layers[layer_idx])
+        if self.sparse:  # mixture of experts (Mixtral, Qwen3-MoE)
+            self.mlp = SparseMoeBlock(
+                d, args.num_experts, args.experts_per_token, args.expert_intermediate_size, args.norm_topk_prob,
+                args.activation, device, dtype,
+            )
+        else:
+            self.mlp = MLP(args, device, dtype)
         self.sandwich = args.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(d, eps, device, dtype, offset)
@@ -209,6 +220,8 @@ class DecoderLayer(nn.Module):
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), ctx.workspace))
         x = x + self.self_attn(self.input_layernorm(x), ctx)
+        if self.sparse:
+            return x + self.mlp(self.post_attention_layernorm(x), ctx.workspace, ctx.router_logits)
         return x + self.mlp(self.post_attention_layernorm(x), ctx.workspace)
 
 
@@ -246,10 +259,15 @@ class CausalLMOutput:
         loss: scalar mean cross-entropy over predicted tokens, when labels were given.
         logits: ``[b, s, V]`` (or the last ``logits_to_keep`` positions), ``None`` when a
             training loss was computed without ``return_logits`` (the fused loss never builds them).
+        aux_loss: with ``output_router_logits`` (mixture of experts), the load-balancing loss (fp32 scalar); the
+            ``loss`` then includes ``router_aux_loss_coef * aux_loss``, as transformers' does.
+        router_logits: with ``output_router_logits``, each sparse layer's ``[b * s, E]`` router logits.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
     def __getitem__(self, key):
         if isinstance(key, (int, slice)):  # tuple-style access, as transformers' ModelOutput allows
@@ -491,6 +509,7 @@ class CausalLM(nn.Module):
         logits_to_keep: int = 0,
         cache=None,
         cu_seq_lens: torch.Tensor | None = None,
+        output_router_logits: bool | None = None,
         **unused,
     ) -> CausalLMOutput:
         """Run the model.
@@ -518,6 +537,10 @@ class CausalLM(nn.Module):
                 padding-free row (``b == 1``, no ``attention_mask``), as :class:`~engine.training.PaddingFreeCollator`
                 returns them; the boundaries are then taken from it instead of being derived from the
                 restarting ``position_ids``. Both must describe the same documents.
+            output_router_logits (bool, optional): mixture-of-experts models: also return every sparse layer's
+                router logits and the load-balancing ``aux_loss`` (over real tokens), and add
+                ``router_aux_loss_coef * aux_loss`` to the loss. Default: the config's ``output_router_logits``
+                (off unless the config turns it on, as in transformers).
 
         Returns:
             CausalLMOutput with ``loss`` and ``logits``.
@@ -529,12 +552,20 @@ class CausalLM(nn.Module):
             unknown = sorted(k for k in unused if k not in ("use_cache", "return_dict", "output_attentions", "output_hidden_states"))
             if unknown:
                 raise ConfigurationError(f"forward() got unexpected arguments {unknown}")
+        if output_router_logits is None:
+            output_router_logits = self.args.output_router_logits
+        router_logits = [] if output_router_logits and self.args.num_experts else None
         x, labels = self._hidden_states(input_ids, attention_mask, position_ids, labels, inputs_embeds, cache,
-                                        cu_seq_lens)
+                                        cu_seq_lens, router_logits)
 
-        loss = logits = None
+        loss = logits = aux_loss = None
         if labels is not None:
             loss = self._loss(x, labels, num_items_in_batch)
+        if router_logits:
+            mask = None if attention_mask is None or cache is not None else attention_mask
+            aux_loss = load_balancing_loss(router_logits, self.args.num_experts, self.args.experts_per_token, mask)
+            if loss is not None:
+                loss = loss + self.args.router_aux_loss_coef * aux_loss.to(loss.device)
         if return_logits is None:
             return_logits = labels is None or not self.training
         if return_logits:
@@ -543,9 +574,12 @@ class CausalLM(nn.Module):
             if self.args.final_softcap is not None:
                 cap = self.args.final_softcap
                 logits = torch.tanh(logits / cap) * cap
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutput(
+            loss=loss, logits=logits, aux_loss=aux_loss, router_logits=tuple(router_logits) if router_logits else None
+        )
 
-    def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cu_seq_lens=None):
+    def _hidden_states(self, input_ids, attention_mask, position_ids, labels, inputs_embeds, cache, cu_seq_lens=None,
+                       router_logits: list | None = None):
         """Final-norm hidden states ``[b, s, d]`` and the labels with packed-document starts (and targets after
         leading padding) masked."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -573,6 +607,7 @@ class CausalLM(nn.Module):
             labels = labels.masked_fill(position_ids == 0, -100)
         if ctx.key_padding_mask is not None and labels is not None and cache is None:
             labels = drop_targets_after_leading_padding(labels, ctx.key_padding_mask)
+        ctx.router_logits = router_logits
         policy = training_policy(self, x)  # None: no layer recomputed (eval, no_grad, off); resolves "auto" once
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx) if policy is None else policy.run_layer(i, layer, x, ctx)

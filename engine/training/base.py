@@ -25,7 +25,7 @@ from engine.files import StagedFolder
 from engine.loader import FastModel
 from engine.models.transformer import CausalLM
 from engine.modules.checkpointing import CheckpointChoice, current_policy
-from engine.peft import lora_modules
+from engine.peft import has_adapters
 from engine.runtime import flush_denormals
 from engine.training.nonfinite import NonFiniteGuard
 from engine.training.reporting import ReportSummary, TrainingReport
@@ -69,7 +69,7 @@ def check_reference_policy(name: str, method: str, model, ref_model, precompute:
             f"{name} takes no ref_model: the reference policy is the model with its LoRA adapters disabled "
             "(no second copy of the weights), or precomputed log-probs (precompute_ref_log_probs=True)"
         )
-    if not lora_modules(model) and not precompute:
+    if not has_adapters(model) and not precompute:
         raise ConfigurationError(
             f"{method} without LoRA adapters has no built-in reference policy. Add adapters with "
             f"FastModel.get_peft_model(...) or set {method}Config(precompute_ref_log_probs=True)."
@@ -250,7 +250,7 @@ class EngineTrainer(transformers.Trainer):
         model = self.accelerator.unwrap_model(self.model)
         # FSDP2 (and DeepSpeed): transformers gathers the full state dict on every rank and passes it here; the
         # adapter is written from it. Without LoRA the model's own (unsharded) parameters are written.
-        gathered = state_dict if lora_modules(model) else None
+        gathered = state_dict if has_adapters(model) else None
         model.save_pretrained(output_dir, state_dict=gathered)  # crash-safe (engine.files)
         with StagedFolder(output_dir) as stage:
             if self.processing_class is not None:
@@ -271,7 +271,7 @@ class EngineTrainer(transformers.Trainer):
             )
         folder = Path(resume_from_checkpoint)
         adapter = folder / "adapter_model.safetensors"
-        if lora_modules(model):
+        if has_adapters(model):
             if not adapter.is_file():
                 raise CheckpointError(f"{folder} has no adapter_model.safetensors to resume the LoRA adapters from")
             load_adapter_state_dict(model, load_file(str(adapter)), source=str(adapter))

@@ -31,7 +31,7 @@ import transformers
 
 from engine.errors import ConfigurationError, DatasetError
 from engine.training.rows import as_dataset, as_text_or_messages, first_format
-from engine.peft import disable_adapter, lora_modules
+from engine.peft import disable_adapter, has_adapters
 from engine.training.base import EngineTrainer, resolve_config, trainer_inputs
 from engine.training.config import GRPOConfig
 from engine.training.grpo_data import RepeatSampler, completion_log_probs, is_conversational, pad_left, pad_right
@@ -94,7 +94,7 @@ class GRPOTrainer(EngineTrainer):
     ):
         args = resolve_config(args, GRPOConfig, "GRPOTrainer")
         tok = trainer_inputs("GRPOTrainer", tokenizer, processing_class, train_dataset)
-        if args.beta != 0.0 and not lora_modules(model):
+        if args.beta != 0.0 and not has_adapters(model):
             raise ConfigurationError(
                 "beta > 0 needs a reference policy: the model with its LoRA adapters disabled. Add adapters with "
                 "FastModel.get_peft_model(...) or set GRPOConfig(beta=0.0)."

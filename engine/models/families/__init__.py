@@ -14,16 +14,22 @@ from engine.models.families.gemma2 import GEMMA2
 from engine.models.families.gemma3 import GEMMA3
 from engine.models.families.llama import LLAMA
 from engine.models.families.mistral import MISTRAL
+from engine.models.families.mixtral import MIXTRAL
+from engine.models.families.moe import EXPERT_PARAMETERS, ROUTER_PARAMETER, MoEFamily
 from engine.models.families.phi3 import PHI3
 from engine.models.families.qwen2 import QWEN2
 from engine.models.families.qwen3 import QWEN3
+from engine.models.families.qwen3_moe import QWEN3_MOE
 
 __all__ = [
+    "EXPERT_PARAMETERS",
     "FAMILIES",
     "GLOBAL_TENSORS",
     "LLAMA_LORA_TARGETS",
     "Biases",
     "Family",
+    "MoEFamily",
+    "ROUTER_PARAMETER",
     "family_for_gguf",
     "family_for_model_type",
     "gguf_architectures",
@@ -33,7 +39,7 @@ __all__ = [
 ]
 
 #: Every family the engine serves, in the order the docs list them.
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN3_MOE)
 
 
 def supported_model_types() -> tuple[str, ...]:

@@ -95,7 +95,9 @@ class Family:
         window_every_layer: a config's ``sliding_window`` applies to every layer when the config has no
             ``layer_types`` (Mistral); otherwise only ``layer_types``' sliding layers use it.
         block_tensors: the HF <-> GGUF per-layer name map.
-        lora_targets: projections LoRA can target.
+        lora_targets: projections LoRA can target (``target_modules``).
+        lora_parameters: weights LoRA can target in PEFT's ``target_parameters`` form (mixture-of-experts families:
+            the grouped experts and the router); empty for dense families.
         chat_template: the name of the family's instruct prompt format in :mod:`engine.chat_templates`
             (``"llama-3"``, ``"qwen"``, ...; ``None``: no single format), for
             ``engine.get_chat_template(tokenizer, family.chat_template, model)``.
@@ -120,6 +122,7 @@ class Family:
     window_every_layer: bool = False
     block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
     lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
+    lora_parameters: tuple[str, ...] = ()
     chat_template: str | None = None
     known_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
@@ -139,6 +142,16 @@ class Family:
         """The engine's parameter name of a checkpoint tensor, or ``None`` for a tensor the engine skips (the vision
         tower of a multimodal checkpoint). Text checkpoints keep their names."""
         return name
+
+    def checkpoint_tensors(self, tensors, hf_config):
+        """A checkpoint's ``(name, tensor)`` stream under the engine's parameter names (mixture-of-experts families
+        stack per-expert tensors here); dense families keep the stream as it is."""
+        return iter(tensors)
+
+    def saved_tensors(self, name: str, tensor):
+        """The ``(name, tensor)`` pairs a model folder stores for the engine's parameter ``name`` (the inverse of
+        :meth:`checkpoint_tensors`); dense families store it as it is."""
+        yield name, tensor
 
     def activation(self, hf_config) -> str:
         """The gated MLP's activation for :class:`~engine.models.config.ModelArgs` (Llama: SwiGLU, ``"silu"``).
