@@ -263,6 +263,14 @@ class FastModel:
                 f"{folder} holds a sequence-classification adapter (with a score head); load it with "
                 f"FastModel.from_pretrained({str(folder)!r}) or onto a model loaded with num_labels=N"
             )
+        patterns = {k: config[k] for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
+        if patterns:
+            raise CheckpointError(
+                f"{folder}: adapter_config.json sets {patterns} (per-module ranks or alphas; PEFT writes them when "
+                "the experts' gate and up projections were targeted separately and fused). The engine loads adapters "
+                "with one rank and alpha; retrain with target_parameters=['experts.gate_up_proj', "
+                "'experts.down_proj'] or merge the adapter with PEFT first."
+            )
         if not has_adapters(model):
             FastModel.get_peft_model(
                 model,

@@ -38,6 +38,10 @@ QWEN3_MOE = _Qwen3Moe(
     checkpoint_block="mlp",
     expert_names=("gate_proj", "up_proj", "down_proj"),
     expert_size_field="moe_intermediate_size",
+    # Attention only: PEFT 0.21 rewrites `gate_proj`/`up_proj`/`down_proj` in a Qwen3-MoE adapter config into the
+    # experts' parameters (its transformers-v5 conversion), so adapters on a dense layer's MLP could not be loaded
+    # by PEFT. The experts are targeted through `target_parameters`.
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     known_configs={
         "Qwen/Qwen3-30B-A3B": {
             "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
