@@ -76,7 +76,7 @@ def test_grouped_mm_no_rows():
     w = leaf(torch.randn(3, 5, 8))
     y = grouped_mm(x, w, (0, 0, 0))
     assert y.shape == (0, 5)
-    (dw,) = grads(y.sum() + 0 * w.sum(), [w], torch.tensor(1.0))
+    (dw,) = grads(y, [w], torch.zeros(0, 5))
     assert torch.equal(dw, torch.zeros_like(w))
 
 
