@@ -125,6 +125,8 @@ class AuditLaunch:
         shape: the model shape this launch stands for, for the report (``"hidden=4096 bf16"``).
         num_stages: software-pipelining stages (Triton's default 3 unless the wrapper sets one).
         options: other compile options the wrapper passes at launch (``{"enable_fp_fusion": False}``).
+        divisible_by_16: integer arguments the wrapper passes only as multiples of 16 in this configuration;
+            compiled with that divisibility, as Triton specialises such integers at a real launch.
     """
 
     op: str
@@ -135,6 +137,7 @@ class AuditLaunch:
     shape: str
     num_stages: int = 3
     options: dict[str, Any] = field(default_factory=dict)
+    divisible_by_16: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

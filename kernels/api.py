@@ -12,6 +12,7 @@ from engine_kernels.cross_entropy import fused_linear_cross_entropy
 from engine_kernels.dispatch import describe_backends, select_backend
 from engine_kernels.geglu import geglu
 from engine_kernels.glu import glu_activation
+from engine_kernels.grouped_gemm import grouped_mm, grouped_mm_nf4
 from engine_kernels.lora_linear import lora_linear
 from engine_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 from engine_kernels.rms_norm import rms_norm
@@ -27,6 +28,8 @@ __all__ = [
     "fused_linear_cross_entropy",
     "geglu",
     "glu_activation",
+    "grouped_mm",
+    "grouped_mm_nf4",
     "linear_token_entropy",
     "linear_token_log_probs",
     "lora_linear",

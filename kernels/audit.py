@@ -38,6 +38,7 @@ KERNEL_MODULES = (
     "engine_kernels.cross_entropy",
     "engine_kernels.nf4_triton",
     "engine_kernels.flash_attention",
+    "engine_kernels.grouped_gemm_triton",
 )
 
 #: Compute capability -> (name, max shared memory per block in bytes with opt-in, registers per SM).
@@ -118,11 +119,12 @@ def compile_launch(launch, cc: int) -> AuditRow:
 
     signature = dict(launch.signature)
     signature.update({name: "constexpr" for name in launch.constexprs})
-    # As at a real launch: torch allocations are 16-byte aligned, and Triton specialises on that.
+    # As at a real launch: torch allocations are 16-byte aligned, and Triton specialises on that (and on
+    # integers that are multiples of 16, which a launch declares in ``divisible_by_16``).
     attrs = {
         (launch.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
         for name, kind in launch.signature.items()
-        if kind.startswith("*")
+        if kind.startswith("*") or name in launch.divisible_by_16
     }
     source = ASTSource(fn=launch.kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     compiled = triton.compile(

@@ -41,7 +41,7 @@ CHOICES = ("auto", "torch", "triton")
 
 #: Ops with a Triton implementation (see docs/kernels.md).
 TRITON_OPS: frozenset[str] = frozenset(
-    {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize", "attention"}
+    {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize", "attention", "grouped_mm"}
 )
 
 #: Every op behind this dispatch point.

@@ -56,7 +56,7 @@ def test_audit_passes_for_every_kernel_and_target(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "audit.json").read_text())
     assert {r["op"] for r in rows} == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize",
-                                       "attention"}
+                                       "attention", "grouped_mm"}
     assert {r["cc"] for r in rows} == {80, 86, 89, 90}
     assert all(r["problems"] == "" and r["registers"] > 0 for r in rows)
     assert (tmp_path / "audit.md").read_text().count("\n") == len(rows) + 2

@@ -26,7 +26,8 @@ def test_dispatch_auto_is_torch_on_cpu(monkeypatch):
     assert set(backends) == set(dispatch.OPS)
     assert set(backends.values()) == {"torch"}
     # On CUDA, auto picks the Triton kernels of the ops that have one.
-    assert dispatch.TRITON_OPS == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize", "attention"}
+    assert dispatch.TRITON_OPS == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize", "attention",
+                                   "grouped_mm"}
     expected = {op: "triton" if op in dispatch.TRITON_OPS and not interpreting() else "torch" for op in dispatch.OPS}
     assert describe_backends("cuda") == expected
 
