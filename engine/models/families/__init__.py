@@ -102,8 +102,11 @@ def supported_models_table() -> str:
         if f.gguf_name_marker:
             gguf += f", told apart by {f.gguf_name_marker!r} in `general.name`"
         template = f"`{f.chat_template}`" if f.chat_template else "-"
+        targets = ", ".join(f.lora_targets)
+        if f.lora_parameters:
+            targets += "; `target_parameters`: " + ", ".join(f.lora_parameters)
         lines.append(
             f"| {f.name} | {', '.join(f'`{t}`' for t in f.model_types)} | {f.summary} | "
-            f"{', '.join(f.lora_targets)} | {gguf} | {template} | {f.verified} |"
+            f"{targets} | {gguf} | {template} | {f.verified} |"
         )
     return "\n".join(lines)

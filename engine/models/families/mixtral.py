@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.models.families.base import PARITY_VERIFIED, Biases
-from engine.models.families.moe import MoEFamily
+from engine.models.families.base import Biases
+from engine.models.families.moe import MOE_VERIFIED, MoEFamily
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,7 @@ MIXTRAL = _Mixtral(
     name="mixtral",
     model_types=("mixtral",),
     summary="experts in every layer: router `mlp.gate`, grouped `mlp.experts` (top-k, renormalised)",
-    verified=(
-        PARITY_VERIFIED + "; experts with LoRA in PEFT's `target_parameters` form; router logits and aux loss"
-    ),
+    verified=MOE_VERIFIED,
     config_class="MixtralConfig",
     causal_lm_class="MixtralForCausalLM",
     # llama.cpp's converter writes Mixtral as `llama` (with `llama.expert_count`), Q/K rows permuted.

@@ -24,6 +24,13 @@ from engine.models.families.base import Family
 EXPERT_PARAMETERS: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
 ROUTER_PARAMETER = "gate.weight"
 
+#: What the MoE tests check (tests/test_moe.py, tests/test_moe_peft.py).
+MOE_VERIFIED = (
+    "logits, router logits, aux loss, LoRA loss and gradients (attention, experts, router) with padding and packing "
+    "vs transformers + PEFT `target_parameters`; adapters load both ways; merged folders load in transformers; "
+    "per-expert NF4 = bitsandbytes"
+)
+
 
 @dataclass(frozen=True)
 class MoEFamily(Family):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.models.families.base import PARITY_VERIFIED, Biases
-from engine.models.families.moe import MoEFamily
+from engine.models.families.base import Biases
+from engine.models.families.moe import MOE_VERIFIED, MoEFamily
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,7 @@ QWEN3_MOE = _Qwen3Moe(
     model_types=("qwen3_moe",),
     summary="Qwen3 attention; experts (router `mlp.gate`, grouped `mlp.experts`) in the layers "
     "`decoder_sparse_step`/`mlp_only_layers` pick; `norm_topk_prob`",
-    verified=(
-        PARITY_VERIFIED + "; experts with LoRA in PEFT's `target_parameters` form; dense `mlp_only_layers`; "
-        "router logits and aux loss"
-    ),
+    verified=MOE_VERIFIED + "; dense `mlp_only_layers`, `decoder_sparse_step`",
     config_class="Qwen3MoeConfig",
     causal_lm_class="Qwen3MoeForCausalLM",
     gguf_architecture="qwen3moe",  # NEOX RoPE: Q/K rows are not permuted
