@@ -80,7 +80,7 @@ FAMILY_CONFIGS = {
 
 # Mixture of experts (issue 18): odd sizes, 5 experts; Qwen3-MoE with a dense layer (mlp_only_layers) and, in the
 # second variant, unnormalised top-k weights and experts every other layer (decoder_sparse_step=2).
-_MOE_COMMON = dict(vocab_size=67, hidden_size=40, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+_MOE_COMMON = dict(vocab_size=67, hidden_size=48, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1,
                    max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-6)
 
 MOE_CONFIGS = {
@@ -89,12 +89,12 @@ MOE_CONFIGS = {
         sliding_window=None, tie_word_embeddings=False, router_aux_loss_coef=0.3,
     ),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **_MOE_COMMON, head_dim=12, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
+        **_MOE_COMMON, head_dim=16, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
         num_experts_per_tok=3, norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False,
         router_aux_loss_coef=0.3,
     ),
     "qwen3_moe_step2": lambda: transformers.Qwen3MoeConfig(
-        **_MOE_COMMON, head_dim=12, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
+        **_MOE_COMMON, head_dim=16, intermediate_size=26, moe_intermediate_size=14, num_experts=5,
         num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2, tie_word_embeddings=True,
         router_aux_loss_coef=0.3,
     ),

@@ -80,3 +80,25 @@ def test_load_message_reports_the_kernel_backends(hf_folders, monkeypatch, capsy
     assert "kernels: Triton (Triton's CPU interpreter: slow, for testing) for rms_norm, rope, swiglu" in line
     assert "attention" in line.split("kernels:")[1]
     assert line.endswith("PyTorch for the rest")
+
+
+@pytest.mark.parametrize("name,load_in_4bit", [("mixtral", False), ("qwen3_moe", True)], ids=["mixtral", "qwen3_moe-qlora"])
+def test_moe_model_with_triton_kernels_equals_torch_path(moe_folders, monkeypatch, name, load_in_4bit):
+    """Mixture of experts: the grouped expert matmuls (and their LoRA factors) through the Triton grouped GEMM,
+    with the router's aux loss in the loss; NF4 experts dequantized by the Triton NF4 kernel."""
+    model, _ = FastModel.from_pretrained(str(moe_folders[name]), dtype="float32", load_in_4bit=load_in_4bit,
+                                         verbose=False)
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False,
+                                     target_parameters=["experts.gate_up_proj", "experts.down_proj", "gate.weight"])
+    torch.manual_seed(1)
+    for pname, param in model.named_parameters():
+        if "lora_B" in pname:
+            param.data.normal_(0, 0.1)
+    batch = {**_batch(model.args.vocab_size), "output_router_logits": True}
+    loss_t, grads_t, used_t = _loss_and_grads(model, batch, "torch", monkeypatch)
+    loss_x, grads_x, used_x = _loss_and_grads(model, batch, "triton", monkeypatch)
+    assert used_t["grouped_mm"] == {"torch"} and used_x["grouped_mm"] == {"triton"}
+    assert_close(loss_x, loss_t, torch.float32, "loss")
+    assert set(grads_x) == set(grads_t) and any("gate_up_proj_lora_A" in n for n in grads_t)
+    for pname in grads_t:
+        assert_close(grads_x[pname], grads_t[pname], torch.float32, pname, reduction=True)
