@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from engine.errors import ConfigurationError
 from engine.modules.linear import Linear, project
@@ -31,6 +32,12 @@ from engine_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
 #: The experts' grouped projections, in registration order (PEFT wraps them in this order).
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 _NF4_FIELDS = ("packed", "absmax", "absmax_code", "absmax_scale", "absmax_offset")
+
+
+def _planning(x: torch.Tensor) -> bool:
+    """Whether ``x`` has no values (``meta``, or a fake tensor of the memory planner): routing cannot be read, so
+    the rows are taken as split evenly over the experts."""
+    return x.device.type == "meta" or isinstance(x, FakeTensor)
 
 
 class Experts(nn.Module):
@@ -197,7 +204,7 @@ class Experts(nn.Module):
         """
         t, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
-        if x.device.type == "meta":  # memory planning: the grouped rows have the same size however tokens route
+        if _planning(x):  # memory planning: the grouped rows have the same size however tokens route
             order = torch.arange(t * k, device=x.device)
             per, extra = divmod(t * k, self.num_experts)
             sizes = tuple(per + (1 if g < extra else 0) for g in range(self.num_experts))
