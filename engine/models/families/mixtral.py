@@ -15,7 +15,7 @@ class _Mixtral(MoEFamily):
 
     def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
                            sliding_window: int | None) -> dict:
-        return {"sliding_window": sliding_window}
+        return {**self.gguf_moe_fields(metadata), "sliding_window": sliding_window}
 
 
 MIXTRAL = _Mixtral(
@@ -37,6 +37,8 @@ MIXTRAL = _Mixtral(
     checkpoint_block="block_sparse_moe",
     expert_names=("w1", "w3", "w2"),
     expert_size_field="intermediate_size",
+    expert_count_field="num_local_experts",
+    gguf_expert_feed_forward_length=False,  # `llama.feed_forward_length` is the experts' size
     always_normalize_top_k=True,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     known_configs={

@@ -17,7 +17,7 @@ class _Qwen3Moe(MoEFamily):
 
     def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
                            sliding_window: int | None) -> dict:
-        return {"attention_bias": attention_bias}
+        return {**self.gguf_moe_fields(metadata), "attention_bias": attention_bias}
 
 
 QWEN3_MOE = _Qwen3Moe(
