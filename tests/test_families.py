@@ -89,7 +89,8 @@ def test_gguf_architecture_and_name_pick_the_family():
     assert family_for_gguf("qwen3", "Qwen3 8B").name == "qwen3"
     assert family_for_gguf("gemma2", "Gemma 2 9B").name == "gemma2"
     assert family_for_gguf("phi3", "Phi 4 Mini Instruct").name == "phi3"
-    assert set(gguf_architectures()) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"}
+    assert set(gguf_architectures()) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3",
+                                         "qwen3moe", "mixtral", "qwen3_moe"}
     with pytest.raises(UnsupportedArchitectureError, match="phi2"):
         family_for_gguf("phi2")
 

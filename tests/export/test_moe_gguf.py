@@ -255,3 +255,20 @@ def test_unnormalised_routing_alone_is_refused(exported, tmp_path):
 
 
 assert llama_cpp  # the binding is a test dependency; a missing one fails here, not as a skip
+
+
+def test_qlora_experts_are_merged_into_the_file(exported, tmp_path):
+    """NF4 experts (quantized per expert slice) plus expert LoRA: the file holds the dequantized, merged weights."""
+    family, _, paths = exported
+    folder = paths["f16"].parent.parent / f"tiny-{family.replace('_', '-')}"
+    model, _ = FastModel.from_pretrained(str(folder), dtype="float32", load_in_4bit=True, verbose=False)
+    assert model.model.layers[0].mlp.experts.is_quantized("gate_up_proj")
+    model = FastModel.get_peft_model(model, r=4, lora_alpha=8, random_state=0, use_gradient_checkpointing=False)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1)
+    (path,) = export(model, tmp_path, ["f16"])
+    loaded, _ = FastModel.from_pretrained(str(path), dtype="float32", verbose=False)
+    for tokens in PROMPTS:
+        a, b = engine_logits(loaded, tokens), engine_logits(model, tokens)
+        assert float(np.abs(a - b).max() / np.abs(b).max()) < 5e-3

@@ -23,7 +23,9 @@ MIXTRAL = _Mixtral(
     model_types=("mixtral",),
     summary="experts in every layer: router `mlp.gate`, grouped `mlp.experts` (top-k, renormalised)",
     verified=(
-        PARITY_VERIFIED + "; experts with LoRA in PEFT's `target_parameters` form; router logits and aux loss"
+        PARITY_VERIFIED + "; experts with LoRA in PEFT's `target_parameters` form; router logits and aux loss; "
+        "GGUF f16/q8_0/q4_k_m in llama.cpp (f16 top-1 on every position, quantized bytes equal llama.cpp's own) "
+        "and LoRA GGUF on attention, router and experts"
     ),
     config_class="MixtralConfig",
     causal_lm_class="MixtralForCausalLM",

@@ -27,7 +27,9 @@ QWEN3_MOE = _Qwen3Moe(
     "`decoder_sparse_step`/`mlp_only_layers` pick; `norm_topk_prob`",
     verified=(
         PARITY_VERIFIED + "; experts with LoRA in PEFT's `target_parameters` form; dense `mlp_only_layers`; "
-        "router logits and aux loss"
+        "router logits and aux loss; GGUF f16/q8_0/q4_k_m in llama.cpp (f16 top-1 on every position, quantized "
+        "bytes equal llama.cpp's own) and LoRA GGUF on attention, router and experts; GGUF export refuses "
+        "`norm_topk_prob=False` and dense layers (llama.cpp's graph has neither)"
     ),
     config_class="Qwen3MoeConfig",
     causal_lm_class="Qwen3MoeForCausalLM",
