@@ -48,8 +48,9 @@ def lora_tensor_names(module_name: str, family: Family = LLAMA) -> str:
 
 
 def _expert_lora_tensors(module_name: str, experts, family: Family, qtype, tensor_class) -> list:
-    """The 3-D ``lora_a [E, r, in]`` / ``lora_b [E, out / parts, r]`` tensors of one :class:`~engine.modules.moe.Experts`
-    group's adapters, named after the family's expert tensors (``blk.N.ffn_gate_exps.weight.lora_a``, ...)."""
+    """The 3-D ``lora_a [E, r, in]`` / ``lora_b [E, out / parts, r]`` tensors of one expert group's adapters
+    (:class:`~engine.modules.moe.Experts`), named after the family's expert tensors
+    (``blk.N.ffn_gate_exps.weight.lora_a``, ...)."""
     parts = module_name.split(".")
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")

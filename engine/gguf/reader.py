@@ -6,8 +6,10 @@ model's hyper-parameters as typed key/value metadata and its weights as
 what the engine's Llama-family model code expects from a Hugging Face folder:
 
 * a ``transformers`` config object (:class:`~transformers.LlamaConfig`,
-  :class:`~transformers.MistralConfig`, :class:`~transformers.Qwen2Config` or
-  :class:`~transformers.Qwen3Config`) built from the metadata;
+  :class:`~transformers.MistralConfig`, :class:`~transformers.Qwen2Config`,
+  :class:`~transformers.Qwen3Config`, ... the family's config class; Mixtral and
+  Qwen3-MoE with their experts from ``<arch>.expert_count`` and friends) built
+  from the metadata;
 * a state dict with Hugging Face parameter names and shapes, every tensor
   dequantized with :func:`gguf.quants.dequantize`;
 * the raw metadata, decoded to plain Python values.
@@ -24,6 +26,9 @@ Layout differences undone here:
   interleaved layout ggml's RoPE kernel uses. The permutation is inverted for
   ``llama``/``mistral`` files. Qwen2/Qwen3 files are written with ggml's NEOX
   RoPE mode, which uses the rotate-half layout, so they are not permuted.
+* Mixture-of-experts files store each layer's experts as 3-D tensors
+  (``ffn_gate_exps``/``ffn_up_exps``/``ffn_down_exps``, ``[E, rows, cols]``); the
+  gate and up ones are concatenated back into the engine's ``gate_up_proj``.
 * Llama 3.x files store their RoPE scaling as a ``rope_freqs`` tensor of
   per-frequency factors instead of metadata; the ``llama3`` rope parameters are
   recovered from it.

@@ -227,7 +227,8 @@ def test_lora_gguf_applies_in_llama_cpp(exported, tmp_path):
     for kind in ("attn_q", "ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
         assert f"blk.0.{kind}.weight.lora_a" in names, kind
     with_adapter = np.concatenate(llama_logits(base, PROMPTS, lora_path=str(adapter)))
-    merged_logits, base_logits = np.concatenate(llama_logits(merged, PROMPTS)), np.concatenate(llama_logits(base, PROMPTS))
+    merged_logits = np.concatenate(llama_logits(merged, PROMPTS))
+    base_logits = np.concatenate(llama_logits(base, PROMPTS))
     diff = float(np.abs(with_adapter - merged_logits).max())
     effect = float(np.abs(merged_logits - base_logits).max())
     print(f"\n{family} LoRA GGUF: max |adapter - merged| {diff:.4f}, adapter effect {effect:.4f}")
