@@ -10,6 +10,15 @@ The base file's Q/K rows are permuted for ``llama`` models (see
 :func:`engine.gguf.writer.permute_qk`); since ``W + s B A`` has the rows of ``B``, the same
 row permutation is applied to ``lora_b`` of ``attn_q``/``attn_k`` (as the converter's
 ``LoraTorchTensor`` does).
+
+Mixture-of-experts models (Mixtral, Qwen3-MoE): llama.cpp applies adapters to the router
+(``ffn_gate_inp``, through ``build_lora_mm`` like any projection) and to the 3-D expert tensors
+(``build_lora_mm_id``: ``lora_a`` ``[E, r, in]``, ne ``{in, r, E}``, and ``lora_b`` ``[E, out, r]``, ne
+``{r, out, E}``, each token's expert picking its own pair), which is how the converter stacks per-expert
+adapters. So every adapter the engine trains is written: the router's as a 2-D pair, the experts' PEFT
+``target_parameters`` factors (``A [r*E, in]``, ``B [out, r*E]``) regrouped per expert, and the
+``gate_up_proj`` adapter split like its weight: ``ffn_gate_exps`` and ``ffn_up_exps`` share ``lora_a`` and
+take the gate / up rows of ``lora_b``.
 """
 
 from __future__ import annotations
@@ -38,6 +47,40 @@ def lora_tensor_names(module_name: str, family: Family = LLAMA) -> str:
     return name + ".weight"
 
 
+def _expert_lora_tensors(module_name: str, experts, family: Family, qtype, tensor_class) -> list:
+    """The 3-D ``lora_a [E, r, in]`` / ``lora_b [E, out / parts, r]`` tensors of one expert group's adapters
+    (:class:`~engine.modules.moe.Experts`), named after the family's expert tensors
+    (``blk.N.ffn_gate_exps.weight.lora_a``, ...)."""
+    parts = module_name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+        raise ConfigurationError(f"LoRA on {module_name!r} cannot be written to a llama.cpp LoRA GGUF")
+    layer, path = int(parts[2]), ".".join(parts[3:])
+    e, r = experts.num_experts, experts.lora_r
+    tensors = []
+    for projection in experts.lora_targets:
+        names = family.gguf_expert_names(f"{path}.{projection}", layer)
+        if not names:
+            raise ConfigurationError(
+                f"LoRA on {module_name}.{projection} has no llama.cpp tensor in the {family.name} family's name map"
+            )
+        out, inp = experts.projection_shape(projection)
+        rows = out // len(names)
+
+        def a_data(projection: str = projection) -> np.ndarray:
+            a, _ = experts.lora_factors(projection)
+            return a.detach().to("cpu", torch.float32).reshape(e, r, -1).contiguous().numpy()
+
+        def b_data(part: int, projection: str = projection, rows: int = rows) -> np.ndarray:
+            _, b = experts.lora_factors(projection)
+            b3 = b.detach().to("cpu", torch.float32).reshape(b.shape[0], r, e).permute(2, 0, 1)  # [E, out, r]
+            return b3[:, part * rows:(part + 1) * rows].contiguous().numpy()
+
+        for part, name in enumerate(names):
+            tensors.append(tensor_class(f"{name}.weight.lora_a", (e, r, inp), qtype, a_data))
+            tensors.append(tensor_class(f"{name}.weight.lora_b", (e, rows, r), qtype, lambda p=part, b=b_data: b(p)))
+    return tensors
+
+
 def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32") -> Path:
     """Write ``model``'s LoRA adapter as ``<name>-LoRA-<F32|F16>.gguf`` in ``save_directory``.
 
@@ -50,7 +93,8 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
         The file's path.
 
     Raises:
-        ConfigurationError: the model has no adapter, adapters differ in scale, or ``dtype`` is unknown.
+        ConfigurationError: the model has no adapter, adapters differ in scale, ``dtype`` is unknown, or the model is
+            a mixture of experts llama.cpp cannot compute (see ``Family.check_gguf_export``).
     """
     from engine.gguf.writer import (
         _Tensor,
@@ -58,16 +102,18 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
         permute_qk,
         write_gguf,
     )
-    from engine.peft import lora_modules
+    from engine.peft import expert_lora_modules, lora_modules
 
     if dtype not in ("f32", "f16"):
         raise ConfigurationError(f"LoRA GGUF dtype must be 'f32' or 'f16', not {dtype!r}")
     qtype = QT.F32 if dtype == "f32" else QT.F16
     family = family_for_model_type(model.args.model_type)
+    family.check_gguf_export(model.args, getattr(model, "hf_config", None))
     modules = lora_modules(model)
-    if not modules:
+    experts = expert_lora_modules(model)
+    if not modules and not experts:
         raise ConfigurationError("the model has no LoRA adapter; add one with FastModel.get_peft_model first")
-    alphas = {round(m.lora_scaling * m.lora_r, 6) for m in modules.values()}
+    alphas = {round(m.lora_scaling * m.lora_r, 6) for m in (*modules.values(), *experts.values())}
     if len(alphas) != 1:
         raise ConfigurationError(
             f"llama.cpp LoRA GGUF holds one alpha for all modules, but the adapters have alpha values {sorted(alphas)}"
@@ -92,6 +138,8 @@ def save_lora_gguf(model, save_directory: str | os.PathLike, dtype: str = "f32")
 
         tensors.append(_Tensor(base + ".lora_a", tuple(mod.lora_A.shape), qtype, a_data))
         tensors.append(_Tensor(base + ".lora_b", tuple(mod.lora_B.shape), qtype, b_data))
+    for module_name, mod in experts.items():
+        tensors += _expert_lora_tensors(module_name, mod, family, qtype, _Tensor)
 
     name = model_name(model)
 

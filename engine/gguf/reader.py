@@ -6,8 +6,10 @@ model's hyper-parameters as typed key/value metadata and its weights as
 what the engine's Llama-family model code expects from a Hugging Face folder:
 
 * a ``transformers`` config object (:class:`~transformers.LlamaConfig`,
-  :class:`~transformers.MistralConfig`, :class:`~transformers.Qwen2Config` or
-  :class:`~transformers.Qwen3Config`) built from the metadata;
+  :class:`~transformers.MistralConfig`, :class:`~transformers.Qwen2Config`,
+  :class:`~transformers.Qwen3Config`, ... the family's config class; Mixtral and
+  Qwen3-MoE with their experts from ``<arch>.expert_count`` and friends) built
+  from the metadata;
 * a state dict with Hugging Face parameter names and shapes, every tensor
   dequantized with :func:`gguf.quants.dequantize`;
 * the raw metadata, decoded to plain Python values.
@@ -24,6 +26,9 @@ Layout differences undone here:
   interleaved layout ggml's RoPE kernel uses. The permutation is inverted for
   ``llama``/``mistral`` files. Qwen2/Qwen3 files are written with ggml's NEOX
   RoPE mode, which uses the rotate-half layout, so they are not permuted.
+* Mixture-of-experts files store each layer's experts as 3-D tensors
+  (``ffn_gate_exps``/``ffn_up_exps``/``ffn_down_exps``, ``[E, rows, cols]``); the
+  gate and up ones are concatenated back into the engine's ``gate_up_proj``.
 * Llama 3.x files store their RoPE scaling as a ``rope_freqs`` tensor of
   per-frequency factors instead of metadata; the ``llama3`` rope parameters are
   recovered from it.
@@ -358,9 +363,12 @@ class _Meta:
 
 
 def _family(arch: str, meta: Mapping[str, object]) -> Family:
-    """The family of a GGUF file (llama.cpp writes Mistral as ``llama``; like transformers, the name tells)."""
+    """The family of a GGUF file (llama.cpp writes Mistral and Mixtral as ``llama``: ``<arch>.expert_count`` tells
+    Mixtral apart, and, like transformers, the name tells Mistral)."""
     name = meta.get(Keys.General.NAME)
-    return family_for_gguf(arch, name if isinstance(name, str) else None)
+    experts = meta.get(Keys.LLM.EXPERT_COUNT.format(arch=arch))
+    experts = int(experts) if isinstance(experts, (int, float)) and not isinstance(experts, bool) else 0
+    return family_for_gguf(arch, name if isinstance(name, str) else None, experts)
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int, path: Path) -> dict | None:
@@ -564,14 +572,23 @@ def _build_config(
 # --------------------------------------------------------------------------- #
 
 
-def _hf_name(gguf_name: str, family: Family) -> str | None:
-    """Maps a llama.cpp tensor name to its Hugging Face parameter name (None if unknown)."""
+def _hf_name(gguf_name: str, family: Family) -> tuple[str, int, int] | None:
+    """Maps a llama.cpp tensor name to ``(Hugging Face parameter name, part, parts)`` (None if unknown).
+
+    ``parts`` is 1 except for the parts of a grouped expert parameter (``blk.N.ffn_up_exps.weight`` is part 1 of 2
+    of ``model.layers.N.mlp.experts.gate_up_proj``: the second half of its rows).
+    """
     if mb := _BLOCK_RE.fullmatch(gguf_name):
         module = family.hf_module(mb.group(2))
-        return f"model.layers.{mb.group(1)}.{module}.{mb.group(3)}" if module else None
+        if module:
+            return f"model.layers.{mb.group(1)}.{module}.{mb.group(3)}", 0, 1
+        expert = family.hf_expert_parameter(mb.group(2))
+        if expert and mb.group(3) == "weight":
+            return f"model.layers.{mb.group(1)}.{expert[0]}", expert[1], expert[2]
+        return None
     if mg := _GLOBAL_RE.fullmatch(gguf_name):
         module = _GLOBAL_TENSORS.get(mg.group(1))
-        return f"{module}.{mg.group(2)}" if module else None
+        return (f"{module}.{mg.group(2)}", 0, 1) if module else None
     return None
 
 
@@ -686,16 +703,20 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     # Map and validate every tensor before the (slow) dequantization.
     family = family_for_model_type(config.model_type)
     expected = family.expected_shapes(config)
-    hf_to_gguf: dict[str, str] = {}
+    parts: dict[str, dict[int, str]] = {}  # HF name -> {part: GGUF name}
+    counts: dict[str, int] = {}
     unknown: list[str] = []
     for name in tensors:
         if name in _ROPE_TENSORS:
             continue
-        hf = _hf_name(name, family)
-        if hf is None or hf not in expected:
+        mapped = _hf_name(name, family)
+        if mapped is None or mapped[0] not in expected:
             unknown.append(name)
         else:
-            hf_to_gguf[hf] = name
+            parts.setdefault(mapped[0], {})[mapped[1]] = name
+            counts[mapped[0]] = mapped[2]
+    # Grouped expert parameters are read from all their parts (a file lacking one lacks the parameter).
+    hf_to_gguf = {hf: [got[i] for i in range(counts[hf])] for hf, got in parts.items() if len(got) == counts[hf]}
     if unknown:
         raise CheckpointError(
             f"{p} holds tensors that have no place in a {type(config).__name__} model: "
@@ -709,17 +730,24 @@ def read_gguf_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.flo
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Download or convert the file again."
         )
     for hf, want in expected.items():
-        got = shapes[hf_to_gguf[hf]]
-        if got != want:
-            raise CheckpointError(
-                f"tensor {hf_to_gguf[hf]!r} of {p} has shape {list(got)} (HF order) but the metadata implies "
-                f"{list(want)} for {hf}. The file's metadata and tensors disagree; convert the model again."
-            )
+        names = hf_to_gguf[hf]
+        part = (want[0], want[1] // len(names), *want[2:]) if len(names) > 1 else want
+        for name in names:
+            got = shapes[name]
+            if got != part:
+                raise CheckpointError(
+                    f"tensor {name!r} of {p} has shape {list(got)} (HF order) but the metadata implies "
+                    f"{list(part)} for {hf}. The file's metadata and tensors disagree; convert the model again."
+                )
 
     permute = family.gguf_permutes_qk
     state_dict: dict[str, torch.Tensor] = {}
     for hf, want in expected.items():
-        arr = _dequantize(tensors[hf_to_gguf[hf]], want, p)
+        names = hf_to_gguf[hf]
+        if len(names) == 1:
+            arr = _dequantize(tensors[names[0]], want, p)
+        else:  # a grouped expert parameter: its parts' rows, concatenated per expert
+            arr = np.concatenate([_dequantize(tensors[n], shapes[n], p) for n in names], axis=1)
         if family.gguf_norm_shift and hf.endswith("norm.weight"):
             arr = arr - np.float32(family.gguf_norm_shift)  # stored as w + shift (Gemma's 1 + w)
         if permute and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):

@@ -5,7 +5,10 @@ that llama.cpp, Ollama, transformers (``gguf_file=``) and our own GGUF reader lo
 
 What is written follows llama.cpp's ``convert_hf_to_gguf.py`` + ``llama-quantize``:
 
-* **architecture**: ``llama`` for Llama and Mistral (as the converter does), ``qwen2``, ``qwen3``.
+* **architecture**: ``llama`` for Llama, Mistral and Mixtral (as the converter does), ``qwen2``, ``qwen3``,
+  ``qwen3moe`` (and the others the families declare). Mixture-of-experts models add ``expert_count``,
+  ``expert_used_count`` (Qwen3-MoE: ``expert_feed_forward_length``), the router ``ffn_gate_inp`` (F32) and the
+  grouped experts as 3-D ``ffn_gate_exps``/``ffn_up_exps``/``ffn_down_exps`` ``[E, rows, cols]`` tensors.
   Q and K rows of ``llama`` files are permuted from Hugging Face's rotate-half RoPE layout
   to ggml's interleaved layout (``LlamaModel.permute``); Qwen files use NEOX RoPE and are not.
 * **hyper-parameters**: context/embedding/feed-forward length, block count, head counts,
@@ -50,7 +53,7 @@ from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 from engine.chat_templates import CHAT_TEMPLATES, detect_chat_template, without_generation_markers
 from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
 from engine.gguf import quants
-from engine.models.families import Family, family_for_model_type
+from engine.models.families import Family, MoEFamily, family_for_model_type
 from engine.models.rope import llama3_rope_factors, rope_parameters
 from engine.modules.linear import Linear
 
@@ -152,16 +155,18 @@ def _block_size(qtype: QT) -> int:
 
 
 def tensor_type(
-    name: str, shape: tuple[int, ...], method: str, n_layers: int, tied_embeddings: bool
+    name: str, shape: tuple[int, ...], method: str, n_layers: int, tied_embeddings: bool, n_expert: int = 0
 ) -> tuple[QT, QT | None]:
     """The GGUF type of one tensor for ``method``, following llama.cpp's ``llama_tensor_get_type``.
 
     Args:
         name: llama.cpp tensor name (``"blk.3.attn_v.weight"``).
-        shape: PyTorch shape (``[rows, cols]`` for a matrix; ``cols`` is ggml's ``ne[0]``).
+        shape: PyTorch shape (``[rows, cols]`` for a matrix, ``[E, rows, cols]`` for grouped experts; ``cols`` is
+            ggml's ``ne[0]``, and every row of every expert is quantized alike).
         method: a key of :data:`GGUF_METHODS`.
         n_layers: number of blocks (for the per-layer mixtures).
         tied_embeddings: whether ``token_embd`` doubles as the output matrix.
+        n_expert: experts per sparse layer (0: dense); llama.cpp gives 8-expert models (Mixtral) more bits.
 
     Returns:
         ``(type, wanted)``: ``wanted`` is the type the mixture asked for when ``cols`` is not a
@@ -173,11 +178,15 @@ def tensor_type(
     ``attn_v`` and ``ffn_down`` of the "more bits" layers (first/last eighth and every third);
     Q4_K_S gives Q5_K to ``attn_v`` of layers 0-3 and ``ffn_down`` of the first eighth; Q3_K_M
     gives ``attn_v`` Q5_K (layers 0-1) else Q4_K, ``ffn_down`` Q5_K (first 1/16) else Q4_K and
-    ``attn_output`` Q4_K. A type whose block does not divide ``cols`` falls back as llama.cpp does
+    ``attn_output`` Q4_K. The experts' tensors follow the same rules by name (``ffn_down_exps`` is an
+    ``ffn_down``); the router ``ffn_gate_inp`` stays F32 (llama.cpp's converter writes it F32 and ``llama-quantize``
+    leaves it); with exactly 8 experts ``attn_v`` and ``attn_k`` get Q8_0 and, for Q4_K_M/Q4_K_S/Q3_K_M,
+    ``attn_output`` Q5_K. A type whose block does not divide ``cols`` falls back as llama.cpp does
     (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then to F16.
     """
     base = GGUF_METHODS[method][1]
-    if len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight") or name.startswith("rope_"):
+    if (len(shape) < 2 or not name.endswith(".weight") or name.endswith("_norm.weight") or name.startswith("rope_")
+            or name.endswith("ffn_gate_inp.weight")):
         return QT.F32, None
     if base in _FLOAT_TYPES:
         return base, None
@@ -196,12 +205,19 @@ def tensor_type(
             new = QT.Q6_K
         elif method == "q4_k_s" and layer < 4:
             new = QT.Q5_K
-    elif name.endswith("ffn_down.weight"):
+        if n_expert == 8:
+            new = QT.Q8_0
+    elif name.endswith("attn_k.weight") and n_expert == 8:
+        new = QT.Q8_0
+    elif "ffn_down" in name:  # ffn_down and the experts' ffn_down_exps (llama.cpp matches the substring)
         if method == "q3_k_m":
             new = QT.Q5_K if layer < n_layers // 16 else QT.Q4_K
         elif method in ("q4_k_m", "q5_k_m") and _use_more_bits(layer, n_layers):
             new = QT.Q6_K
         elif method == "q4_k_s" and layer < n_layers // 8:
+            new = QT.Q5_K
+    elif name.endswith("attn_output.weight") and n_expert == 8:
+        if method in ("q4_k_m", "q4_k_s", "q3_k_m"):
             new = QT.Q5_K
     elif name.endswith("attn_output.weight") and method == "q3_k_m":
         new = QT.Q4_K
@@ -334,10 +350,35 @@ def iter_model_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable[[
                 yield from linear(name, mod, heads)
             else:
                 yield name + ".weight", tuple(mod.weight.shape), norm(mod.weight)
+        # Grouped experts: one 3-D tensor per part of each parameter (gate_up_proj -> ffn_gate_exps, ffn_up_exps).
+        for parameter, kinds in family.expert_tensors.items():
+            module_path, projection = parameter.rsplit(".", 1)
+            experts = _submodule(layer, module_path)
+            if experts is None:  # a dense layer
+                continue
+            yield from _expert_tensors(experts, projection, family.gguf_expert_names(parameter, i))
     n = model.model.norm.weight
     yield _tname(MODEL_TENSOR.OUTPUT_NORM), tuple(n.shape), norm(n)
     if not args.tie_word_embeddings:
         yield _tname(MODEL_TENSOR.OUTPUT), tuple(model.lm_head.weight.shape), lambda: model.lm_head.merged_weight()
+
+
+def _expert_tensors(experts, projection: str, names: tuple[str, ...]):
+    """``(gguf name, [E, rows, in], producer)`` for each part of the experts' ``projection`` (LoRA merged per expert).
+
+    The parts split every expert's ``out`` rows in equal, consecutive blocks (``gate_up_proj [E, 2I, H]``: the gate
+    rows, then the up rows). Each producer merges the whole projection (``Experts.merged_weight``, fp32) and keeps
+    its part, so ``gate_up_proj`` is merged once per part.
+    """
+    out, inp = experts.projection_shape(projection)
+    rows = out // len(names)
+    for part, name in enumerate(names):
+
+        def produce(part: int = part) -> torch.Tensor:
+            merged = experts.merged_weight(projection, torch.float32)
+            return merged[:, part * rows:(part + 1) * rows].contiguous()
+
+        yield name + ".weight", (experts.num_experts, rows, inp), produce
 
 
 def _submodule(layer: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -354,7 +395,7 @@ def _plan(model, method: str) -> list[_Tensor]:
     args = model.args
     plan = []
     for name, shape, produce in iter_model_tensors(model):
-        qtype, wanted = tensor_type(name, shape, method, args.num_layers, args.tie_word_embeddings)
+        qtype, wanted = tensor_type(name, shape, method, args.num_layers, args.tie_word_embeddings, args.num_experts)
         plan.append(_Tensor(name, shape, qtype, (lambda p=produce: _numpy(p())), wanted))
     return plan
 
@@ -384,6 +425,11 @@ def _add_hparams(writer: GGUFWriter, model, method: str, name: str) -> None:
     writer.add_context_length(int(args.max_position_embeddings))
     writer.add_embedding_length(args.hidden_size)
     writer.add_feed_forward_length(args.intermediate_size)
+    if args.num_experts:
+        writer.add_expert_count(args.num_experts)
+        writer.add_expert_used_count(args.experts_per_token)
+        if isinstance(family, MoEFamily) and family.gguf_expert_feed_forward_length:
+            writer.add_expert_feed_forward_length(args.expert_intermediate_size)
     writer.add_block_count(args.num_layers)
     writer.add_head_count(args.num_heads)
     writer.add_head_count_kv(args.num_kv_heads)
@@ -744,10 +790,13 @@ def save_pretrained_gguf(
         The paths of the written ``<name>-<METHOD>.gguf`` files.
 
     Raises:
-        ConfigurationError: unknown method (the message lists the valid ones).
+        ConfigurationError: unknown method (the message lists the valid ones); a mixture-of-experts model llama.cpp
+            cannot compute (``norm_topk_prob=False``, dense layers from ``mlp_only_layers``/``decoder_sparse_step``;
+            the message names the field).
         UnsupportedArchitectureError: a model family or RoPE scaling GGUF cannot describe.
         CheckpointError: not enough disk space for a file.
     """
+    _family(model).check_gguf_export(model.args, getattr(model, "hf_config", None))
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     if lora_only:

@@ -69,8 +69,12 @@ def family_for_model_type(model_type: str | None) -> Family:
     )
 
 
-def family_for_gguf(architecture: str, model_name: str | None = None) -> Family:
-    """The family of a GGUF file from its ``general.architecture`` (and ``general.name`` where families share one).
+def family_for_gguf(architecture: str, model_name: str | None = None, expert_count: int = 0) -> Family:
+    """The family of a GGUF file from its ``general.architecture``, ``<arch>.expert_count`` and ``general.name``.
+
+    Where families share an architecture (llama.cpp writes Llama, Mistral and Mixtral as ``llama``), a file with
+    experts (``expert_count > 0``) belongs to a mixture-of-experts family and one without to a dense family; among
+    those, the word in ``general.name`` tells Mistral from Llama.
 
     Raises:
         UnsupportedArchitectureError: naming the supported architectures.
@@ -84,6 +88,8 @@ def family_for_gguf(architecture: str, model_name: str | None = None) -> Family:
             f"{', '.join(gguf_architectures())} (Mistral files usually say 'llama'). Use a model of one "
             "of these families."
         )
+    by_experts = [f for f in candidates if bool(f.expert_tensors) == (expert_count > 0)]
+    candidates = by_experts or candidates
     name = (model_name or "").lower()
     marked = [f for f in candidates if f.gguf_name_marker and f.gguf_name_marker in name]
     plain = [f for f in candidates if not f.gguf_name_marker]

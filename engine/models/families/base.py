@@ -95,6 +95,10 @@ class Family:
         window_every_layer: a config's ``sliding_window`` applies to every layer when the config has no
             ``layer_types`` (Mistral); otherwise only ``layer_types``' sliding layers use it.
         block_tensors: the HF <-> GGUF per-layer name map.
+        expert_tensors: the per-layer name map of grouped expert parameters (mixture-of-experts families; empty
+            for dense ones): parameter path under ``model.layers.N.`` (``"mlp.experts.gate_up_proj"``, ``[E, out,
+            in]``) -> the llama.cpp tensors its ``out`` rows are split into, in order (``ffn_gate_exps``,
+            ``ffn_up_exps``), each ``[E, out / parts, in]``.
         lora_targets: projections LoRA can target (``target_modules``).
         lora_parameters: weights LoRA can target in PEFT's ``target_parameters`` form (mixture-of-experts families:
             the grouped experts and the router); empty for dense families.
@@ -121,6 +125,7 @@ class Family:
     sandwich_norms: bool = False
     window_every_layer: bool = False
     block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(LLAMA_BLOCK_TENSORS))
+    expert_tensors: Mapping[str, tuple[MODEL_TENSOR, ...]] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = LLAMA_LORA_TARGETS
     lora_parameters: tuple[str, ...] = ()
     chat_template: str | None = None
@@ -197,6 +202,14 @@ class Family:
         """
         return {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
 
+    def check_gguf_export(self, args, hf_config=None) -> None:
+        """Refuse a model llama.cpp's graph for :attr:`gguf_architecture` cannot compute (dense families: none).
+
+        Args:
+            args (ModelArgs): the model's arguments. hf_config: its transformers config (``None`` when loaded from
+                a GGUF file), for naming the config fields in the message.
+        """
+
     def expected_shapes(self, hf_config) -> dict[str, tuple[int, ...]]:
         """Every parameter of the transformers ``*ForCausalLM`` for ``hf_config``: name -> shape, in registration order.
 
@@ -252,6 +265,20 @@ class Family:
             if TENSOR_NAMES[tensor].removeprefix("blk.{bid}.") == gguf_block_name:
                 return module
         return None
+
+    def hf_expert_parameter(self, gguf_block_name: str) -> tuple[str, int, int] | None:
+        """``(parameter path under model.layers.N., part, parts)`` of a per-layer llama.cpp expert tensor
+        (``"ffn_up_exps"`` -> ``("mlp.experts.gate_up_proj", 1, 2)``: the second half of its rows), or ``None``."""
+        for parameter, tensors in self.expert_tensors.items():
+            for part, tensor in enumerate(tensors):
+                if TENSOR_NAMES[tensor].removeprefix("blk.{bid}.") == gguf_block_name:
+                    return parameter, part, len(tensors)
+        return None
+
+    def gguf_expert_names(self, parameter: str, layer: int) -> tuple[str, ...]:
+        """llama.cpp's names of the parts of a grouped expert parameter (``"mlp.experts.gate_up_proj"``, 3 ->
+        ``("blk.3.ffn_gate_exps", "blk.3.ffn_up_exps")``); empty for a parameter the family does not map."""
+        return tuple(gguf_tensor_name(t, layer) for t in self.expert_tensors.get(parameter, ()))
 
     def gguf_block_name(self, module: str, layer: int) -> str | None:
         """llama.cpp's name of a per-layer module (``"self_attn.q_proj"``, 3 -> ``"blk.3.attn_q"``), or ``None``."""

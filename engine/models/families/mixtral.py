@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.models.families.base import Biases
-from engine.models.families.moe import MOE_VERIFIED, MoEFamily
+from engine.models.families.moe import MOE_GGUF_VERIFIED, MOE_VERIFIED, MoEFamily
 
 
 @dataclass(frozen=True)
@@ -15,14 +15,14 @@ class _Mixtral(MoEFamily):
 
     def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
                            sliding_window: int | None) -> dict:
-        return {"sliding_window": sliding_window}
+        return {**self.gguf_moe_fields(metadata), "sliding_window": sliding_window}
 
 
 MIXTRAL = _Mixtral(
     name="mixtral",
     model_types=("mixtral",),
     summary="experts in every layer: router `mlp.gate`, grouped `mlp.experts` (top-k, renormalised)",
-    verified=MOE_VERIFIED,
+    verified=MOE_VERIFIED + "; " + MOE_GGUF_VERIFIED,
     config_class="MixtralConfig",
     causal_lm_class="MixtralForCausalLM",
     # llama.cpp's converter writes Mixtral as `llama` (with `llama.expert_count`), Q/K rows permuted.
@@ -35,6 +35,8 @@ MIXTRAL = _Mixtral(
     checkpoint_block="block_sparse_moe",
     expert_names=("w1", "w3", "w2"),
     expert_size_field="intermediate_size",
+    expert_count_field="num_local_experts",
+    gguf_expert_feed_forward_length=False,  # `llama.feed_forward_length` is the experts' size
     always_normalize_top_k=True,
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
     known_configs={

@@ -10,14 +10,15 @@ them as they stream in and :meth:`MoEFamily.saved_tensors` splits them again for
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gguf.constants import MODEL_TENSOR
 
-from engine.errors import CheckpointError, UnsupportedArchitectureError
-from engine.models.families.base import Family
+from engine.errors import CheckpointError, ConfigurationError, UnsupportedArchitectureError
+from engine.models.families.base import LLAMA_BLOCK_TENSORS, Family
 
 #: The PEFT ``target_parameters`` names of a sparse layer's weights (what ``LoraConfig(target_parameters=...)``
 #: matches): the experts' two grouped projections, and the router.
@@ -29,6 +30,24 @@ MOE_VERIFIED = (
     "logits, router logits, aux loss, LoRA loss and gradients (attention, experts, router) with padding and packing "
     "vs transformers + PEFT `target_parameters`; adapters load both ways; merged folders load in transformers; "
     "per-expert NF4 = bitsandbytes"
+)
+
+#: A sparse layer's per-layer llama.cpp names: Llama's, plus the router ``mlp.gate`` ``[E, H]`` as ``ffn_gate_inp``
+#: (a dense layer's ``mlp.gate_proj``/``up_proj``/``down_proj`` keep ``ffn_gate``/``ffn_up``/``ffn_down``).
+MOE_BLOCK_TENSORS = {**LLAMA_BLOCK_TENSORS, "mlp.gate": MODEL_TENSOR.FFN_GATE_INP}
+#: The grouped experts in llama.cpp's 3-D tensors (as ``convert_hf_to_gguf.py`` writes Mixtral and Qwen3-MoE):
+#: ``gate_up_proj [E, 2I, H]`` is split into ``ffn_gate_exps [E, I, H]`` (its first ``I`` rows of every expert) and
+#: ``ffn_up_exps [E, I, H]``; ``down_proj [E, H, I]`` is ``ffn_down_exps``. (GGUF lists dimensions reversed:
+#: ``ne = {H, I, E}``.)
+MOE_EXPERT_TENSORS = {
+    "mlp.experts.gate_up_proj": (MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_UP_EXP),
+    "mlp.experts.down_proj": (MODEL_TENSOR.FFN_DOWN_EXP,),
+}
+
+#: What the GGUF tests check (tests/export/test_moe_gguf.py).
+MOE_GGUF_VERIFIED = (
+    "GGUF f16/q8_0/q4_k_m in llama.cpp (f16 top-1 on every position, quantized bytes equal llama.cpp's own) and LoRA "
+    "GGUF on attention, router and experts"
 )
 
 
@@ -44,13 +63,21 @@ class MoEFamily(Family):
         expert_size_field: the config field of one expert's intermediate size.
         always_normalize_top_k: the top-k routing weights are always renormalised to sum to 1 (Mixtral); otherwise
             the config's ``norm_topk_prob`` decides (Qwen3-MoE).
+        expert_count_field: the config field of the number of experts (Mixtral ``num_local_experts``).
+        gguf_expert_feed_forward_length: GGUF files record one expert's size as
+            ``<arch>.expert_feed_forward_length`` (Qwen3-MoE, whose ``feed_forward_length`` is the dense MLP's);
+            otherwise ``feed_forward_length`` is the experts' size (Mixtral as ``llama``).
     """
 
     checkpoint_block: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     expert_size_field: str = "moe_intermediate_size"
     always_normalize_top_k: bool = False
+    expert_count_field: str = "num_experts"
+    gguf_expert_feed_forward_length: bool = True
     lora_parameters: tuple[str, ...] = (*EXPERT_PARAMETERS, ROUTER_PARAMETER)
+    block_tensors: Mapping[str, MODEL_TENSOR] = field(default_factory=lambda: dict(MOE_BLOCK_TENSORS))
+    expert_tensors: Mapping[str, tuple[MODEL_TENSOR, ...]] = field(default_factory=lambda: dict(MOE_EXPERT_TENSORS))
 
     # ------------------------------------------------------------------ config
     def num_experts(self, hf_config) -> int:
@@ -110,6 +137,63 @@ class MoEFamily(Family):
 
     def model_fields(self, hf_config, head_dim: int) -> dict[str, Any]:
         return self.moe_fields(hf_config)
+
+    # ------------------------------------------------------------------ GGUF
+    def check_gguf_export(self, args, hf_config=None) -> None:
+        """Refuse what llama.cpp's ``llama`` (Mixtral) and ``qwen3moe`` graphs cannot compute.
+
+        Both graphs (``build_moe_ffn`` in llama.cpp's ``src/models/llama.cpp`` and ``qwen3moe.cpp``) renormalise the
+        top-k routing weights (``norm_w = true``, no metadata key changes it) and put experts in every layer (no
+        per-layer dense MLP), so a file of a model without either would compute other outputs.
+
+        Raises:
+            ConfigurationError: naming ``norm_topk_prob`` and/or ``mlp_only_layers``/``decoder_sparse_step``.
+        """
+        arch = self.gguf_architecture
+        problems = []
+        if not args.norm_topk_prob:
+            problems.append(
+                f"norm_topk_prob=False: llama.cpp's {arch!r} graph always renormalises the top-k routing weights to "
+                "sum to 1"
+            )
+        dense = [i for i, sparse in enumerate(args.sparse_layers) if not sparse]
+        if dense:
+            fields = ", ".join(
+                f"{name}={getattr(hf_config, name)!r}"
+                for name in ("mlp_only_layers", "decoder_sparse_step")
+                if hf_config is not None and hasattr(hf_config, name)
+            ) or "mlp_only_layers / decoder_sparse_step"
+            problems.append(
+                f"layers {dense} have a dense MLP ({fields}): llama.cpp's {arch!r} graph has experts in every layer"
+            )
+        if problems:
+            raise ConfigurationError(
+                f"this {self.name} model cannot be written to GGUF, llama.cpp would compute different outputs: "
+                + "; ".join(problems) + ". Save it with save_pretrained_merged and serve it with transformers or "
+                "vLLM instead (a model trained with norm_topk_prob=True and experts in every layer exports)."
+            )
+
+    def gguf_moe_fields(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
+        """The experts' config fields from a GGUF file's ``<arch>.*`` metadata (keys without the prefix).
+
+        Raises:
+            CheckpointError: ``expert_count`` or ``expert_used_count`` is missing.
+        """
+        for key in ("expert_count", "expert_used_count"):
+            if not metadata.get(key):
+                raise CheckpointError(
+                    f"GGUF metadata key '{self.gguf_architecture}.{key}' is missing or 0 in a {self.name} file; the "
+                    "file was written by an incomplete converter, convert the model again"
+                )
+        fields: dict[str, Any] = {
+            self.expert_count_field: int(metadata["expert_count"]),
+            "num_experts_per_tok": int(metadata["expert_used_count"]),
+        }
+        if self.gguf_expert_feed_forward_length and metadata.get("expert_feed_forward_length"):
+            fields[self.expert_size_field] = int(metadata["expert_feed_forward_length"])
+        if not self.always_normalize_top_k:  # what llama.cpp computes (see check_gguf_export)
+            fields.update(norm_topk_prob=True, mlp_only_layers=[], decoder_sparse_step=1)
+        return fields
 
     def expected_shapes(self, hf_config) -> dict[str, tuple[int, ...]]:
         """The engine's parameters (grouped experts) for ``hf_config``: name -> shape."""

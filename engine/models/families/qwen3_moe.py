@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.models.families.base import Biases
-from engine.models.families.moe import MOE_VERIFIED, MoEFamily
+from engine.models.families.moe import MOE_GGUF_VERIFIED, MOE_VERIFIED, MoEFamily
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class _Qwen3Moe(MoEFamily):
 
     def gguf_config_fields(self, fields: dict, metadata, *, attention_bias: bool, mlp_bias: bool,
                            sliding_window: int | None) -> dict:
-        return {"attention_bias": attention_bias}
+        return {**self.gguf_moe_fields(metadata), "attention_bias": attention_bias}
 
 
 QWEN3_MOE = _Qwen3Moe(
@@ -25,7 +25,10 @@ QWEN3_MOE = _Qwen3Moe(
     model_types=("qwen3_moe",),
     summary="Qwen3 attention; experts (router `mlp.gate`, grouped `mlp.experts`) in the layers "
     "`decoder_sparse_step`/`mlp_only_layers` pick; `norm_topk_prob`",
-    verified=MOE_VERIFIED + "; dense `mlp_only_layers`, `decoder_sparse_step`",
+    verified=(
+        MOE_VERIFIED + "; dense `mlp_only_layers`, `decoder_sparse_step`; " + MOE_GGUF_VERIFIED + "; GGUF export "
+        "refuses `norm_topk_prob=False` and dense layers (llama.cpp's graph has neither)"
+    ),
     config_class="Qwen3MoeConfig",
     causal_lm_class="Qwen3MoeForCausalLM",
     gguf_architecture="qwen3moe",  # NEOX RoPE: Q/K rows are not permuted
