@@ -188,8 +188,9 @@ def train_losses(model, ids: torch.Tensor, steps: int = 12, lr: float = 3e-2) ->
 
 
 def save_family_chat_model(family: str, folder: Path, tokenizer, **config_overrides) -> Path:
-    """A tiny random model of ``family`` sized for ``tokenizer``'s vocabulary (512 positions), saved with it."""
-    config = FAMILY_CONFIGS[family]()
+    """A tiny random model of ``family`` (``FAMILY_CONFIGS`` or ``MOE_CONFIGS``) sized for ``tokenizer``'s vocabulary
+    (512 positions), saved with it."""
+    config = {**FAMILY_CONFIGS, **MOE_CONFIGS}[family]()
     config.vocab_size = len(tokenizer)
     config.max_position_embeddings = 512
     for key, value in config_overrides.items():
