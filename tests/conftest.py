@@ -118,28 +118,25 @@ def make_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model.eval()
 
 
+def _saved_models(root: Path, names) -> dict[str, Path]:
+    """``{name: folder}``: each tiny transformers model of ``names`` saved under ``root`` (config + safetensors)."""
+    folders = {}
+    for name in names:
+        folders[name] = root / name
+        make_hf_model(name).save_pretrained(folders[name], safe_serialization=True)
+    return folders
+
+
 @pytest.fixture(scope="session")
 def moe_folders(tmp_path_factory) -> dict[str, Path]:
     """``{family: folder}`` with each tiny mixture-of-experts model saved by transformers (one tensor per expert)."""
-    root = tmp_path_factory.mktemp("moe_models")
-    folders = {}
-    for family in MOE_CONFIGS:
-        folder = root / family
-        make_hf_model(family).save_pretrained(folder, safe_serialization=True)
-        folders[family] = folder
-    return folders
+    return _saved_models(tmp_path_factory.mktemp("moe_models"), MOE_CONFIGS)
 
 
 @pytest.fixture(scope="session")
 def hf_folders(tmp_path_factory) -> dict[str, Path]:
     """``{family: folder}`` with each tiny model saved as config.json + model.safetensors."""
-    root = tmp_path_factory.mktemp("hf_models")
-    folders = {}
-    for family in FAMILY_CONFIGS:
-        folder = root / family
-        make_hf_model(family).save_pretrained(folder, safe_serialization=True)
-        folders[family] = folder
-    return folders
+    return _saved_models(tmp_path_factory.mktemp("hf_models"), FAMILY_CONFIGS)
 
 
 @pytest.fixture(scope="session")
