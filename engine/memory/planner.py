@@ -357,8 +357,8 @@ def _engine_builder(config, max_seq_length, s: dict) -> Callable:
     """``build(fake_device) -> (model, optimizer)`` for the engine, set up as ``FastModel`` + ``SFTTrainer`` do."""
     from engine.loader import FastModel
     from engine.models.config import model_args_from_hf_config
+    from engine.loading.weights import quantize_nf4_
     from engine.models.transformer import CausalLM
-    from engine.modules.linear import Linear
 
     args = model_args_from_hf_config(config)
 
@@ -366,10 +366,8 @@ def _engine_builder(config, max_seq_length, s: dict) -> Callable:
         with torch.device("meta"):  # no values are ever computed: build without initialisation
             model = CausalLM(args, max_seq_length=max_seq_length, dtype=s["dtype"])
         materialize_fake(model, fake_device)
-        if s["load_in_4bit"]:
-            for name, module in model.named_modules():
-                if isinstance(module, Linear) and name.startswith("model.layers."):
-                    module.quantize_nf4_(double_quant=True)
+        if s["load_in_4bit"]:  # as the loader does: decoder projections and experts; routers stay dense
+            quantize_nf4_(model, double_quant=True)
         FastModel.get_peft_model(
             model, r=s["lora_r"], lora_alpha=s["lora_alpha"], target_modules=s["target_modules"],
             use_gradient_checkpointing=s["gradient_checkpointing"], tiled_mlp=s["tiled_mlp"],

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from engine.errors import ConfigurationError
 from engine.modules.linear import Linear, project
@@ -197,7 +198,7 @@ class Experts(nn.Module):
         """
         t, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
-        if x.device.type == "meta":  # memory planning: the grouped rows have the same size however tokens route
+        if x.device.type == "meta" or isinstance(x, FakeTensor):  # memory planning: sizes do not depend on routing
             order = torch.arange(t * k, device=x.device)
             per, extra = divmod(t * k, self.num_experts)
             sizes = tuple(per + (1 if g < extra else 0) for g in range(self.num_experts))
