@@ -105,7 +105,8 @@ def hf_builder(config, s: dict):
     import peft
     from transformers import AutoModelForCausalLM
 
-    from engine.peft import resolve_target_modules
+    from engine.models.families import family_for_model_type
+    from engine.peft import resolve_target_modules, resolve_target_parameters
 
     _register_attention()
     config = copy.deepcopy(config)
@@ -114,9 +115,14 @@ def hf_builder(config, s: dict):
     # Built on meta, outside the fake session (PEFT moves tensors between devices while it wraps layers).
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=s["dtype"], attn_implementation=ATTENTION_NAME)
+    # Mixture of experts: the experts' grouped projections get PEFT's target_parameters adapters, as the engine's
+    # defaults give them (transformers' bitsandbytes integration converts nn.Linear only: experts stay 16-bit).
+    family = family_for_model_type(config.model_type)
+    target_parameters = resolve_target_parameters(None, family.lora_parameters, 0.0, s["target_modules"])
     lora = peft.LoraConfig(
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         target_modules=resolve_target_modules(s["target_modules"]),
+        **({"target_parameters": target_parameters} if target_parameters else {}),
     )
     model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():
