@@ -144,7 +144,8 @@ def main_moe(args, argv) -> None:
         config = getattr(transformers, config_class)(**fields)
         for load_in_4bit, checkpointing in SETTINGS:
             start = time.perf_counter()
-            measured = measured_peak(config, args.seq_len, args.lora_r, load_in_4bit, checkpointing, random_weights=True)
+            measured = measured_peak(config, args.seq_len, args.lora_r, load_in_4bit, checkpointing,
+                                     random_weights=True)
             plan = estimate_memory(config, args.seq_len, lora_r=args.lora_r, load_in_4bit=load_in_4bit,
                                    gradient_checkpointing=checkpointing, device="cpu")
             rows.append({"family": family, "load_in_4bit": load_in_4bit, "checkpointing": checkpointing,

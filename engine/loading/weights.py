@@ -33,7 +33,8 @@ def is_nf4_target(module_name: str, module: nn.Module) -> bool:
     expert slice). Embeddings, norms and ``lm_head`` stay in the compute dtype."""
     if isinstance(module, Experts):
         return True
-    return isinstance(module, Linear) and module_name.startswith("model.layers.") and not module_name.endswith(".mlp.gate")
+    is_router = module_name.endswith(".mlp.gate")
+    return isinstance(module, Linear) and module_name.startswith("model.layers.") and not is_router
 
 
 def quantize_nf4_(model: nn.Module, double_quant: bool = True) -> None:
