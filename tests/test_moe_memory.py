@@ -75,7 +75,7 @@ def test_plan_counts_nf4_experts_and_adapters(moe_folders):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert plan.lora_parameters == storage_bytes(trainable)
     experts = model.model.layers[0].mlp.experts
-    e, r, h, i = experts.num_experts, 4, experts.hidden_size, experts.intermediate_size
+    e, r, h = experts.num_experts, 4, experts.hidden_size
     assert experts.lora_factors("gate_up_proj")[0].shape == (r * e, h)
     assert experts.lora_factors("down_proj")[1].shape == (h, r * e)
 
