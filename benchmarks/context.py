@@ -16,6 +16,12 @@ simulation** (the real code run on fake tensors), and is labelled so. ``--measur
 trains for real at increasing lengths until out-of-memory and reports measured peaks beside the
 planned ones.
 
+``--model`` also takes the mixtures of experts ``mistralai/Mixtral-8x7B-v0.1`` and ``Qwen/Qwen3-30B-A3B`` (LoRA on
+attention and every expert). Their HF + PEFT column is not planned, and the table says why (PEFT's expert LoRA
+cannot run on the ``meta`` tensors that stand for the GPU; see :func:`engine.memory.hf_baseline.unplannable_reason`).
+Unsloth's published columns are shown for Llama-3.1-8B only. The engine is planned through two shallow copies and
+extrapolated in depth when its layers are all alike (the same plan; ``--exact`` plans every layer).
+
 Run: ``python benchmarks/context.py`` (about 40 minutes on two CPU cores); writes
 ``benchmarks/results/context-<model>.json``, ``.md`` and ``.png``.
 """
