@@ -30,10 +30,11 @@ SMALL_MOE = {
 }
 
 
-def tiny_mixtral(num_hidden_layers: int = 2) -> transformers.MixtralConfig:
+def tiny_mixtral(num_hidden_layers: int = 2, num_local_experts: int = 4) -> transformers.MixtralConfig:
     """For tests that compare plans with plans: planning time grows with experts x layers, not with sizes."""
     return SMALL_MOE["mixtral"](vocab_size=128, hidden_size=64, intermediate_size=48, num_attention_heads=2,
-                                num_key_value_heads=1, num_hidden_layers=num_hidden_layers)
+                                num_key_value_heads=1, num_hidden_layers=num_hidden_layers,
+                                num_local_experts=num_local_experts)
 
 
 def small_model(config, load_in_4bit: bool) -> CausalLM:
@@ -105,7 +106,7 @@ def test_moe_block_plans_its_grouped_rows():
 
 
 def test_extrapolated_plan_equals_the_full_depth_plan():
-    config = tiny_mixtral(num_hidden_layers=5)
+    config = tiny_mixtral(num_hidden_layers=5, num_local_experts=2)
     kwargs = {"lora_r": 8, "load_in_4bit": False, "gradient_checkpointing": "smart"}
     full = plan_session(config, **kwargs).plan(256)
     extrapolated = plan_session(config, extrapolate=True, **kwargs).plan(256)
