@@ -16,6 +16,12 @@ simulation** (the real code run on fake tensors), and is labelled so. ``--measur
 trains for real at increasing lengths until out-of-memory and reports measured peaks beside the
 planned ones.
 
+``--model`` also takes the mixtures of experts ``mistralai/Mixtral-8x7B-v0.1`` and ``Qwen/Qwen3-30B-A3B`` (LoRA on
+attention and every expert). Their HF + PEFT column is not planned, and the table says why (PEFT's expert LoRA
+cannot run on the ``meta`` tensors that stand for the GPU; see :func:`engine.memory.hf_baseline.unplannable_reason`).
+Unsloth's published columns are shown for Llama-3.1-8B only. The engine is planned through two shallow copies and
+extrapolated in depth when its layers are all alike (the same plan; ``--exact`` plans every layer).
+
 Run: ``python benchmarks/context.py`` (about 40 minutes on two CPU cores); writes
 ``benchmarks/results/context-<model>.json``, ``.md`` and ``.png``.
 """
@@ -55,9 +61,21 @@ GOAL = 1.5  # ours / Unsloth's, at every size
 def sides(args) -> dict[str, dict]:
     common = {"lora_r": args.lora_r, "optimizer": args.optimizer, "load_in_4bit": True, "device": "cuda"}
     return {
-        "engine": dict(common, gradient_checkpointing="smart", tiled_mlp="auto"),
+        # extrapolate: a model of identical layers is planned through two shallow copies (exact; see
+        # engine.memory.planner.ExtrapolatedSession), what makes mixtures of experts plannable in minutes
+        "engine": dict(common, gradient_checkpointing="smart", tiled_mlp="auto", extrapolate=not args.exact),
         "hf": dict(common, gradient_checkpointing=True, baseline="hf"),
     }
+
+
+def skip_reason(args, side: str, kwargs: dict) -> str | None:
+    """Why ``side`` cannot be planned for ``args.model`` (the HF baseline of a mixture of experts on a GPU)."""
+    if side != "hf":
+        return None
+    from engine.memory.configs import resolve_config
+    from engine.memory.hf_baseline import unplannable_reason
+
+    return unplannable_reason(resolve_config(args.model), {"device": kwargs["device"], "target_modules": "all-linear"})
 
 
 def plan_table(args) -> dict:
@@ -66,6 +84,11 @@ def plan_table(args) -> dict:
 
     results = {}
     for side, kwargs in sides(args).items():
+        reason = skip_reason(args, side, kwargs)
+        if reason is not None:
+            results[side] = {"skipped": reason, "sizes": [{"vram_gb": gb, "max_tokens": None, "plan": None}
+                                                          for gb in args.sizes]}
+            continue
         session = plan_session(args.model, **kwargs)
         rows = []
         for gb in tqdm(args.sizes, desc=f"{side}: GPU sizes"):
@@ -126,14 +149,26 @@ def markdown(results: dict, args) -> str:
         "| engine / Unsloth | host RAM for offload (GiB) |"),
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    published = published_applies(args.model)
+    skipped = results["hf"].get("skipped")
     for e, h in zip(engine, hf):
         gb = e["vram_gb"]
-        unsloth, hf_pub = PUBLISHED.get(gb, (None, None))
+        unsloth, hf_pub = PUBLISHED.get(gb, (None, None)) if published else (None, None)
         ratio = f"{e['max_tokens'] / unsloth:.2f}x" if unsloth and e["max_tokens"] else "-"
         host = e["plan"]["host_offload"] / 2**30 if e["plan"] else 0
-        lines.append(f"| {gb} GB | {fmt(e['max_tokens'])} | {fmt(h['max_tokens'])} | {fmt(unsloth)} | {fmt(hf_pub)} "
-                     f"| {ratio} | {host:.0f} |")
+        hf_cell = "not planned" if skipped else fmt(h["max_tokens"])
+        pub = (fmt(unsloth), fmt(hf_pub)) if published else ("-", "-")
+        lines.append(f"| {gb} GB | {fmt(e['max_tokens'])} | {hf_cell} | {pub[0]} | {pub[1]} | {ratio} | {host:.0f} |")
+    if not published:
+        lines += ["", "Published columns: Unsloth's table is for Llama-3.1-8B only."]
+    if skipped:
+        lines += ["", f"HF + PEFT not planned: {skipped}."]
     return "\n".join(lines) + "\n"
+
+
+def published_applies(model) -> bool:
+    """Whether Unsloth's published table (Llama-3.1-8B) is about ``model`` (a name, or a folder of that name)."""
+    return Path(str(model).rstrip("/")).name.lower() in ("llama-3.1-8b", "llama-3.1-8b-instruct")
 
 
 def plot(results: dict, args, path: Path) -> None:
@@ -147,9 +182,12 @@ def plot(results: dict, args, path: Path) -> None:
     series = [
         ("engine (planned)", [r["max_tokens"] for r in results["engine"]["sizes"]], "o-"),
         ("HF + PEFT + FA2 (planned)", [r["max_tokens"] for r in results["hf"]["sizes"]], "s-"),
-        ("Unsloth (published)", [PUBLISHED.get(g, (None, None))[0] for g in sizes], "^--"),
-        ("HF + FA2 (published)", [PUBLISHED.get(g, (None, None))[1] for g in sizes], "v--"),
     ]
+    if published_applies(args.model):
+        series += [
+            ("Unsloth (published)", [PUBLISHED.get(g, (None, None))[0] for g in sizes], "^--"),
+            ("HF + FA2 (published)", [PUBLISHED.get(g, (None, None))[1] for g in sizes], "v--"),
+        ]
     for label, values, style in series:
         points = [(g, v) for g, v in zip(sizes, values) if v]
         if points:
@@ -181,6 +219,9 @@ def parse_args(argv=None):
     parser.add_argument("--high", type=int, default=1 << 21, help="longest length considered")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--measure", action="store_true", help="CUDA only: also train at doubling lengths until OOM")
+    parser.add_argument("--exact", action="store_true",
+                        help="plan the engine at full depth (default: a model of identical layers is planned through "
+                             "two shallow copies and extrapolated, which gives the same plan much faster)")
     return parser.parse_args(argv)
 
 

@@ -6,7 +6,10 @@ smart checkpointing, AdamW) at ``--seq-len`` tokens, and :func:`engine.max_conte
 on a 24 GB GPU. Without a GPU these are **planned by simulation**, not measured.
 
 Run: ``python benchmarks/plan_families.py`` (about 30 minutes on two CPU cores); writes
-``benchmarks/results/plan-families.json`` and ``.md``.
+``benchmarks/results/plan-families.json`` and ``.md``. A model whose decoder layers are all alike is planned
+through two shallow copies and extrapolated (``extrapolate=True``: the same plan, much faster; ``--exact`` plans
+every layer). The mixtures of experts: ``--models mistralai/Mixtral-8x7B-v0.1 Qwen/Qwen3-30B-A3B --out
+benchmarks/results/plan-families-moe.json``.
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--vram-gb", type=float, default=24.0, help="GPU size for max_context (0: skip)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "plan-families.json")
+    parser.add_argument("--exact", action="store_true", help="plan every layer (no depth extrapolation)")
     args = parser.parse_args(argv)
     rows = []
     for model in args.models:
         start = time.time()
-        plan = estimate_memory(model, args.seq_len, lora_r=16)
-        row = {"model": model, "seq_len": args.seq_len, "total_gib": plan.total / 2**30,
+        plan = estimate_memory(model, args.seq_len, lora_r=16, extrapolate=not args.exact)
+        row = {"model": model, "seq_len": args.seq_len, "depth": plan.settings["depth"],
+               "total_gib": plan.total / 2**30,
                **{c + "_gib": getattr(plan, c) / 2**30 for c in plan.COMPONENTS}}
         if args.vram_gb:
-            session = plan_session(model, lora_r=16)
-            row["max_context"] = max_context(model, args.vram_gb, session=session, lora_r=16)
+            session = plan_session(model, lora_r=16, extrapolate=not args.exact)
+            row["max_context"] = max_context(model, args.vram_gb, session=session)
         row["seconds"] = time.time() - start
         print(json.dumps(row), flush=True)
         rows.append(row)

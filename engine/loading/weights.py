@@ -14,7 +14,7 @@ import torch.nn as nn
 from engine.errors import CheckpointError
 from engine.models.transformer import CausalLM
 from engine.modules.linear import Linear
-from engine.modules.moe import Experts
+from engine.modules.moe import EXPERT_PROJECTIONS, Experts
 from engine_kernels.nf4 import nf4_quantize
 
 #: Checkpoint entries that carry no weights (derived buffers some exporters write).
@@ -24,6 +24,30 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 def _split(name: str) -> tuple[str, str]:
     module, _, leaf = name.rpartition(".")
     return module, leaf
+
+
+def is_nf4_target(module_name: str, module: nn.Module) -> bool:
+    """Whether ``load_in_4bit`` stores ``module``'s weights in NF4: a decoder layer's projection (a
+    :class:`~engine.modules.linear.Linear` under ``model.layers.``, routers ``*.mlp.gate`` excepted, kept dense as
+    bitsandbytes-based QLoRA keeps them) or an :class:`~engine.modules.moe.Experts` group (one NF4 tensor per
+    expert slice). Embeddings, norms and ``lm_head`` stay in the compute dtype."""
+    if isinstance(module, Experts):
+        return True
+    is_router = module_name.endswith(".mlp.gate")
+    return isinstance(module, Linear) and module_name.startswith("model.layers.") and not is_router
+
+
+def quantize_nf4_(model: nn.Module, double_quant: bool = True) -> None:
+    """Quantize an already built model's weights to NF4 as :func:`load_weights` with ``load_in_4bit=True`` does
+    (see :func:`is_nf4_target`); the memory planner and calibration build their models this way."""
+    for name, module in list(model.named_modules()):
+        if not is_nf4_target(name, module):
+            continue
+        if isinstance(module, Experts):
+            for projection in EXPERT_PROJECTIONS:
+                module.quantize_nf4_(projection, double_quant=double_quant)
+        else:
+            module.quantize_nf4_(double_quant=double_quant)
 
 
 def load_weights(
@@ -76,12 +100,11 @@ def load_weights(
         module_name, leaf = _split(name)
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        is_router = module_name.endswith(".mlp.gate")  # kept dense, as bitsandbytes-based QLoRA keeps it
-        if load_in_4bit and isinstance(module, Linear) and leaf == "weight" and module_name.startswith("model.layers.") \
-                and not is_router:
+        quantize = load_in_4bit and is_nf4_target(module_name, module)
+        if quantize and isinstance(module, Linear) and leaf == "weight":
             module.weight = None
             module._set_nf4(nf4_quantize(value, double_quant=double_quant))
-        elif load_in_4bit and isinstance(module, Experts):
+        elif quantize and isinstance(module, Experts):
             module.quantize_nf4_(leaf, value, double_quant=double_quant)  # one NF4 tensor per expert slice
         else:
             setattr(module, leaf, nn.Parameter(value, requires_grad=value.is_floating_point()))

@@ -20,6 +20,12 @@ that allocate and save exactly what the originals do:
   (``q``, ``k``, ``v``, the output and the log-sum-exp) and needs no ``[s, s]`` mask. It is
   registered with transformers' public ``AttentionInterface`` under :data:`ATTENTION_NAME`.
 
+Mixtures of experts: PEFT adapts the experts' grouped 3-D weights through ``target_parameters`` (as the engine's
+defaults do), which folds ``W + scaling * B @ A`` into a full copy of each layer's expert stack every forward; the
+bitsandbytes stand-in, like transformers' bitsandbytes integration, converts ``nn.Linear`` layers only, so expert
+weights stay 16-bit under ``load_in_4bit``. That fold cannot run on ``meta`` tensors (see :func:`unplannable_reason`),
+so such a baseline is planned with ``device="cpu"`` only.
+
 Autocast is not simulated: with every weight already bf16 (base and LoRA) it changes no dtype that
 matters for memory.
 """
@@ -100,13 +106,46 @@ def _quantize_base_layers(model: nn.Module) -> None:
             module.base_layer = Linear4bitStandIn(module.base_layer)
 
 
+def _expert_targets(config, target_modules) -> list[str]:
+    """The PEFT ``target_parameters`` the baseline adapts: the experts' projections, as the engine's defaults."""
+    from engine.models.families import family_for_model_type
+    from engine.peft import resolve_target_parameters
+
+    family = family_for_model_type(config.model_type)
+    return resolve_target_parameters(None, family.lora_parameters, 0.0, target_modules)
+
+
+def unplannable_reason(config, s: dict) -> str | None:
+    """Why the baseline cannot be planned for ``config`` with settings ``s`` (a sentence), or ``None``.
+
+    PEFT's LoRA on experts (``target_parameters``) folds ``W + scaling * B @ A`` inside
+    ``torch.autocast(device_type=W.device.type, enabled=False)``, and autocast does not accept the ``meta`` device
+    that stands for the GPU in a plan: a mixture of experts with expert adapters is planned for the GPU by the engine
+    only (``device="cpu"`` plans the baseline).
+    """
+    if s["device"] == "cuda" and _expert_targets(config, s["target_modules"]):
+        return (
+            "the Hugging Face baseline of a mixture of experts cannot be planned for a GPU: PEFT's expert LoRA "
+            "(target_parameters) enters torch.autocast on the weights' device, which is 'meta' in a simulated-GPU "
+            "plan; plan it with device='cpu', or target attention only (target_modules=[...] without experts)"
+        )
+    return None
+
+
 def hf_builder(config, s: dict):
-    """``build(fake_device) -> (model, optimizer)`` for transformers + PEFT (see the module docstring)."""
+    """``build(fake_device) -> (model, optimizer)`` for transformers + PEFT (see the module docstring).
+
+    Raises:
+        ConfigurationError: the baseline cannot be planned for these settings (:func:`unplannable_reason`).
+    """
     import peft
     from transformers import AutoModelForCausalLM
 
     from engine.peft import resolve_target_modules
 
+    reason = unplannable_reason(config, s)
+    if reason is not None:
+        raise ConfigurationError(reason)
     _register_attention()
     config = copy.deepcopy(config)
     config.use_cache = False
@@ -114,9 +153,13 @@ def hf_builder(config, s: dict):
     # Built on meta, outside the fake session (PEFT moves tensors between devices while it wraps layers).
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=s["dtype"], attn_implementation=ATTENTION_NAME)
+    # Mixture of experts: the experts' grouped projections get PEFT's target_parameters adapters, as the engine's
+    # defaults give them (transformers' bitsandbytes integration converts nn.Linear only: experts stay 16-bit).
+    target_parameters = _expert_targets(config, s["target_modules"])
     lora = peft.LoraConfig(
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
         target_modules=resolve_target_modules(s["target_modules"]),
+        **({"target_parameters": target_parameters} if target_parameters else {}),
     )
     model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():
@@ -138,4 +181,4 @@ def hf_builder(config, s: dict):
     return build
 
 
-__all__ = ["ATTENTION_NAME", "Linear4bitStandIn", "hf_builder"]
+__all__ = ["ATTENTION_NAME", "Linear4bitStandIn", "hf_builder", "unplannable_reason"]

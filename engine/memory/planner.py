@@ -353,23 +353,42 @@ def _check(batch_size, lora_r, gradient_checkpointing, optimizer) -> None:
         raise ConfigurationError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
 
-def _engine_builder(config, max_seq_length, s: dict) -> Callable:
-    """``build(fake_device) -> (model, optimizer)`` for the engine, set up as ``FastModel`` + ``SFTTrainer`` do."""
+def layer_kinds(args) -> list[tuple]:
+    """Per decoder layer, what makes layers differ in memory: ``(attention window, holds experts)``."""
+    n = args.num_layers
+    windows = list(args.sliding_windows) if args.sliding_windows else [None] * n
+    sparse = list(args.sparse_layers) if args.sparse_layers else [False] * n
+    return list(zip(windows, sparse))
+
+
+def shallow_args(args, num_layers: int):
+    """``args`` of the same model with only its first ``num_layers`` decoder layers (per-layer lists cut)."""
+    import dataclasses
+
+    if num_layers == args.num_layers:
+        return args
+    cut = {name: list(getattr(args, name)[:num_layers]) for name in ("sliding_windows", "sparse_layers")
+           if getattr(args, name)}
+    return dataclasses.replace(args, num_layers=num_layers, **cut)
+
+
+def _engine_builder(config, max_seq_length, s: dict, num_layers: int | None = None) -> Callable:
+    """``build(fake_device) -> (model, optimizer)`` for the engine, set up as ``FastModel`` + ``SFTTrainer`` do;
+    with ``num_layers``, only the model's first ``num_layers`` decoder layers."""
     from engine.loader import FastModel
+    from engine.loading.weights import quantize_nf4_
     from engine.models.config import model_args_from_hf_config
     from engine.models.transformer import CausalLM
-    from engine.modules.linear import Linear
 
     args = model_args_from_hf_config(config)
+    args = shallow_args(args, num_layers) if num_layers else args
 
     def build(fake_device):
         with torch.device("meta"):  # no values are ever computed: build without initialisation
             model = CausalLM(args, max_seq_length=max_seq_length, dtype=s["dtype"])
         materialize_fake(model, fake_device)
-        if s["load_in_4bit"]:
-            for name, module in model.named_modules():
-                if isinstance(module, Linear) and name.startswith("model.layers."):
-                    module.quantize_nf4_(double_quant=True)
+        if s["load_in_4bit"]:  # as the loader does: decoder projections and experts; routers stay dense
+            quantize_nf4_(model, double_quant=True)
         FastModel.get_peft_model(
             model, r=s["lora_r"], lora_alpha=s["lora_alpha"], target_modules=s["target_modules"],
             use_gradient_checkpointing=s["gradient_checkpointing"], tiled_mlp=s["tiled_mlp"],
@@ -394,8 +413,14 @@ def plan_session(
     tiled_mlp: bool | int = False,
     baseline: str = "engine",
     max_seq_length: int = 1 << 22,
-) -> PlanSession:
-    """A :class:`PlanSession` for ``model`` (arguments as :func:`estimate_memory`); plans many lengths quickly."""
+    extrapolate: bool = False,
+) -> PlanSession | ExtrapolatedSession:
+    """A :class:`PlanSession` for ``model`` (arguments as :func:`estimate_memory`); plans many lengths quickly.
+
+    ``extrapolate=True`` (engine only): a model whose decoder layers are all alike (same attention window, all
+    with experts or none) and deeper than :data:`_SHALLOW_LIMIT` is planned through two shallow copies, an
+    :class:`ExtrapolatedSession` (see there); otherwise, and by default, at full depth.
+    """
     _check(batch_size, lora_r, gradient_checkpointing, optimizer)
     gradient_checkpointing = CheckpointPolicy.parse(gradient_checkpointing).value  # "unsloth" -> "smart", "all" -> True
     if baseline not in ("engine", "hf"):
@@ -422,12 +447,81 @@ def plan_session(
             raise ConfigurationError("tiled_mlp is an engine feature; the Hugging Face baseline has no such option")
         from engine.memory.hf_baseline import hf_builder
 
+        if extrapolate:
+            raise ConfigurationError("extrapolate=True plans the engine only; the Hugging Face baseline is planned "
+                                     "at full depth (leave extrapolate unset with baseline='hf')")
         build = hf_builder(config, settings)
     else:
         build = _engine_builder(config, max_seq_length, settings)
+    shown = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in settings.items()}
+    depths = _extrapolation_depths(config, gradient_checkpointing) if extrapolate else None
+    if depths is not None:
+        d1, d2 = depths
+        sessions = [PlanSession(_engine_builder(config, max_seq_length, settings, d), device, batch_size)
+                    for d in depths]
+        n = config.num_hidden_layers
+        return ExtrapolatedSession(*sessions, d1, d2, n, {**shown, "depth": f"extrapolated from {d1} and {d2} layers"})
     session = PlanSession(build, device, batch_size)
-    session.settings = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in settings.items()}
+    session.settings = {**shown, "depth": "all layers planned"}
     return session
+
+
+def _extrapolation_depths(config, gradient_checkpointing) -> tuple[int, int] | None:
+    """The two shallow depths an extrapolated plan of ``config`` uses, or ``None``: plan at full depth.
+
+    A checkpointing policy that recomputes every ``k``-th layer repeats with period ``k`` (``k = 1`` for the others);
+    the depths are ``d1 >= 2`` with ``d1 = n (mod k)`` and ``d1 + k``, so that the copies' layers end as the model's
+    do and their first layer (whose input gradient is never needed) is not the one repeated.
+    """
+    from engine.models.config import model_args_from_hf_config
+
+    args = model_args_from_hf_config(config)
+    n = args.num_layers
+    if len(set(layer_kinds(args))) > 1 or n <= _SHALLOW_LIMIT:
+        return None
+    policy = CheckpointPolicy.parse(gradient_checkpointing)
+    k = policy.every if policy.mode == "every_k" else 1
+    d1 = n % k or k
+    while d1 < 2:
+        d1 += k
+    return (d1, d1 + k) if d1 + k < n else None
+
+
+class ExtrapolatedSession:
+    """Plans of a deep model of identical decoder layers, from two planned shallow copies of it.
+
+    Every decoder layer adds the same memory at the moment of the peak (its weights, adapters, their gradients and
+    optimizer states, what it keeps for backward), so the plan is linear in depth: with copies of ``d1`` and ``d2``
+    layers, ``plan(n) = plan(d1) + (n - d1) / (d2 - d1) * (plan(d2) - plan(d1))``, component by component.
+    ``tests/test_moe_memory.py`` checks it against a plan at full depth. Planning cost drops by about
+    ``n / (d1 + d2)`` (Qwen3-30B-A3B: 48 layers planned as 2 + 3).
+
+    Attributes:
+        shallow, deeper (PlanSession): the copies of ``d1`` and ``d2`` layers.
+        settings (dict): what was planned, with ``"depth"`` saying how.
+    """
+
+    def __init__(self, shallow: PlanSession, deeper: PlanSession, d1: int, d2: int, num_layers: int, settings: dict):
+        self.shallow, self.deeper = shallow, deeper
+        self.d1, self.d2, self.num_layers = d1, d2, num_layers
+        self.settings = settings
+        self.batch_size = shallow.batch_size
+        self._cache: dict[int, MemoryEstimate] = {}
+
+    def plan(self, seq_len: int) -> MemoryEstimate:
+        """The extrapolated peak of a training step on ``batch_size x seq_len`` tokens (cached by length)."""
+        if seq_len not in self._cache:
+            a, b = self.shallow.plan(seq_len), self.deeper.plan(seq_len)
+            q = (self.num_layers - self.d1) // (self.d2 - self.d1)
+            names = (*MemoryEstimate.COMPONENTS, "total", "saved_activations", "host_offload")
+            values = {name: getattr(a, name) + q * (getattr(b, name) - getattr(a, name)) for name in names}
+            self._cache[seq_len] = MemoryEstimate(**values, settings=dict(self.settings))
+        return self._cache[seq_len]
+
+    @property
+    def planned_lengths(self) -> list[int]:
+        """Sequence lengths planned so far (their results are cached)."""
+        return sorted(self._cache)
 
 
 def estimate_memory(
@@ -457,7 +551,9 @@ def estimate_memory(
             ``dtype`` (compute dtype, default bf16), ``device`` (``"cuda"``: plan for a GPU, simulated;
             ``"cpu"``: the CPU path), ``tiled_mlp`` (engine only: the MLP in tiles along the sequence),
             ``baseline`` (``"engine"``, or ``"hf"`` for transformers + PEFT + bitsandbytes as TRL trains
-            it, with flash-attention 2; see :mod:`engine.memory.hf_baseline`).
+            it, with flash-attention 2; see :mod:`engine.memory.hf_baseline`), ``extrapolate`` (engine only: a deep
+            model of identical layers planned through two shallow copies, see :class:`ExtrapolatedSession`; much
+            faster for mixtures of experts, whose planning costs time per expert).
 
     Returns:
         MemoryEstimate: the breakdown of the peak, in bytes.
@@ -561,7 +657,7 @@ def max_context(
     granularity: int = 64,
     reserved_bytes: int = DEFAULT_RESERVED_BYTES,
     fragmentation: float = DEFAULT_FRAGMENTATION,
-    session: PlanSession | None = None,
+    session: PlanSession | ExtrapolatedSession | None = None,
     **plan_kwargs,
 ) -> int:
     """The longest sequence whose planned training step fits a GPU of ``vram_gb`` GiB.
@@ -573,7 +669,8 @@ def max_context(
         low, high (int): the first probe and the longest length considered, in tokens.
         granularity (int): answers are multiples of this.
         reserved_bytes, fragmentation: see :meth:`MemoryEstimate.required_bytes`.
-        session (PlanSession, optional): reuse a session (and its cache) from :func:`plan_session`.
+        session (PlanSession or ExtrapolatedSession, optional): reuse a session (and its cache) from
+            :func:`plan_session`.
         **plan_kwargs: passed to :func:`plan_session` (``lora_r``, ``load_in_4bit``, ``baseline``, ...).
 
     Returns:
@@ -707,16 +804,21 @@ def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Cal
 
     from engine.models.transformer import CausalLM
     from engine.modules.linear import Linear
+    from engine.modules.moe import Experts
     from engine.peft import add_lora, has_adapters
 
     args, dtype = model.args, model.dtype
-    if num_layers is not None and num_layers != args.num_layers:
-        windows = list(args.sliding_windows[:num_layers]) if args.sliding_windows else args.sliding_windows
-        args = dataclasses.replace(args, num_layers=num_layers, sliding_windows=windows)
+    if num_layers is not None:
+        args = shallow_args(args, num_layers)
     quantized = {
         name: (getattr(m, "weight_nf4_absmax_code", None) is not None, m._nf4_blocksize)
         for name, m in model.named_modules()
         if isinstance(m, Linear) and m.is_quantized
+    }
+    quantized_experts = {  # module -> [(projection, double_quant, blocksize)]
+        name: [(proj, double, blocksize) for proj, (_, _, blocksize, double) in m._nf4.items()]
+        for name, m in model.named_modules()
+        if isinstance(m, Experts) and m._nf4
     }
     settings = getattr(model, "lora_settings", None) if has_adapters(model) else None
     if settings is not None and settings.modules_to_save:  # a classifier is planned as its causal LM (head swapped)
@@ -732,6 +834,8 @@ def _mirror_builder(model, optimizer: str, num_layers: int | None = None) -> Cal
         for name, m in fake.named_modules():
             if name in quantized:
                 m.quantize_nf4_(double_quant=quantized[name][0], blocksize=quantized[name][1])
+            for projection, double, blocksize in quantized_experts.get(name, ()):
+                m.quantize_nf4_(projection, double_quant=double, blocksize=blocksize)
         if settings is not None:
             add_lora(fake, settings, random_state=0)
         for name, p in list(fake.named_parameters()):
@@ -781,8 +885,7 @@ class _AutoPlans:
         self.batch_size, self.optimizer = batch_size, optimizer
         self.device = "cuda" if model.device.type == "cuda" else "cpu"
         self.num_layers = model.args.num_layers
-        windows = model.args.sliding_windows or []
-        self.uniform = len(set(windows)) <= 1
+        self.uniform = len(set(layer_kinds(model.args))) <= 1  # same window, experts in every layer or none
         self.sessions: dict[int, PlanSession] = {}  # by depth; they hold fake models only, never the weights
 
     def _session(self, model, depth: int) -> PlanSession:
