@@ -396,6 +396,9 @@ class FastModel:
                 (:func:`engine_kernels.tiled_mlp.auto_tile_rows`; the memory-lean choice for long contexts). A positive
                 int: that many rows per tile.
 
+        Mixture-of-experts layers are tiled too: routing and experts run tile by tile, each tile recomputed in
+        backward (:class:`~engine.modules.moe.SparseMoeBlock`).
+
         Sets ``layer.mlp.tile_rows`` of every layer and ``model.tiled_mlp`` (the rows per tile, ``None`` when off).
 
         Raises:

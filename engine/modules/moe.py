@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch._subclasses.fake_tensor import FakeTensor
 
 from engine.errors import ConfigurationError
@@ -28,6 +29,7 @@ from engine_kernels.glu import glu_activation
 from engine_kernels.grouped_gemm import grouped_mm, grouped_mm_nf4
 from engine_kernels.lora_fused import DequantWorkspace
 from engine_kernels.nf4 import NF4Weight, nf4_dequantize, nf4_quantize
+from engine_kernels.tiled_mlp import auto_tile_rows
 
 #: The experts' grouped projections, in registration order (PEFT wraps them in this order).
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
@@ -238,11 +240,16 @@ class SparseMoeBlock(nn.Module):
     Attributes:
         gate (Linear): the router ``[E, H]`` (LoRA-able: PEFT's ``target_parameters=["gate.weight"]``).
         experts (Experts): the grouped experts.
+        tile_rows (int, "auto" or None): as :attr:`engine.models.transformer.MLP.tile_rows` (``FastModel.set_tiled_mlp``):
+            a training forward over more tokens than this routes and runs the experts tile by tile, each tile
+            recomputed in backward (``torch.utils.checkpoint``), so only the block's input is saved and one tile's
+            grouped rows (``[rows * k, H]``, ``[rows * k, 2I]``, ...) exist at a time.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, norm_topk_prob: bool,
                  activation: str = "silu", device=None, dtype=None):
         super().__init__()
+        self.tile_rows: int | str | None = None
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.gate = Linear(hidden_size, num_experts, False, device, dtype)
@@ -268,10 +275,23 @@ class SparseMoeBlock(nn.Module):
             Tensor ``[..., H]``.
         """
         flat = x.reshape(-1, x.shape[-1])
-        logits, weights, index = self.route(flat, workspace)
+        t = flat.shape[0]
+        rows = auto_tile_rows(t) if self.tile_rows == "auto" else self.tile_rows
+        if self.training and rows and t > rows and torch.is_grad_enabled():
+            tiles = [
+                checkpoint(self._tokens_forward, chunk, workspace, use_reentrant=False) for chunk in flat.split(rows)
+            ]
+            out, logits = torch.cat([o for o, _ in tiles]), torch.cat([g for _, g in tiles])
+        else:
+            out, logits = self._tokens_forward(flat, workspace)
         if router_logits is not None:
             router_logits.append(logits)
-        return self.experts(flat, index, weights).view_as(x)
+        return out.view_as(x)
+
+    def _tokens_forward(self, flat: torch.Tensor, workspace: DequantWorkspace | None):
+        """``flat [T, H] -> (out [T, H], router logits [T, E])``."""
+        logits, weights, index = self.route(flat, workspace)
+        return self.experts(flat, index, weights), logits
 
 
 def load_balancing_loss(
