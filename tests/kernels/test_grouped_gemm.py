@@ -112,3 +112,24 @@ def test_grouped_mm_bad_input(x_shape, w_shape, sizes, match):
 def test_grouped_mm_dtype_mismatch():
     with pytest.raises(ConfigurationError, match="cast one of them"):
         grouped_mm(torch.randn(3, 4), torch.randn(1, 2, 4, dtype=torch.float64), (3,))
+
+
+def test_cpu_16bit_row_buckets_equal_the_exact_rows():
+    """bf16 on CPU pads each group to a multiple of ROW_BUCKET rows; zero rows change no real row nor any dw."""
+    from engine_kernels.grouped_gemm import (
+        ROW_BUCKET, RowBuckets, _grouped_mm_loop, grouped_mm_torch, grouped_weight_grad_torch,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    sizes = (70, 0, 3, ROW_BUCKET, 27)
+    x = torch.randn(sum(sizes), 24, generator=g).bfloat16()
+    w = torch.randn(5, 40, 24, generator=g).bfloat16()
+    dy = torch.randn(sum(sizes), 40, generator=g).bfloat16()
+    buckets = RowBuckets(sizes, x.device)
+    assert buckets.sizes == (2 * ROW_BUCKET, 0, ROW_BUCKET, ROW_BUCKET, ROW_BUCKET)
+    assert torch.equal(buckets.unpad(buckets.pad(x)), x)
+    exact = _grouped_mm_loop(x, w, sizes, True)
+    torch.testing.assert_close(grouped_mm_torch(x, w, sizes), exact, rtol=1e-2, atol=1e-2)
+    bounds = [0, 70, 70, 73, 137, 164]
+    dw_exact = torch.stack([dy[a:b].float().T @ x[a:b].float() for a, b in zip(bounds[:-1], bounds[1:])])
+    torch.testing.assert_close(grouped_weight_grad_torch(dy, x, sizes).float(), dw_exact, rtol=2e-2, atol=2e-1)
