@@ -44,7 +44,8 @@ def test_moe_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path, monkeypatch)
     result = moe.main([
         "--tiny", "--in-process", "--families", "qwen3_moe", "--sides", "engine-no-ckpt,hf-grouped-mm",
         "--max-steps", "3", "--warmup-steps", "1", "--seq-len", "128", "--batch-size", "1", "--vocab", "600",
-        "--rows", "48", "--no-profile", "--name", "tiny", "--results-dir", str(tmp_path), "--models-dir", str(tmp_path / "models"),
+        "--rows", "48", "--no-profile", "--name", "tiny", "--results-dir", str(tmp_path),
+        "--models-dir", str(tmp_path / "models"),
     ])
     block = result["families"]["qwen3_moe"]
     for side in ("engine-no-ckpt", "hf-grouped-mm"):
