@@ -210,6 +210,59 @@ def expert_loop_share(trace: dict, step_ms: float) -> dict:
     }
 
 
+def loop_overhead(model: str, tokens: int, dtype: str, lora_r: int, repeats: int = 5, seed: int = 0) -> dict:
+    """The forward products of one sparse layer, per-expert loop against one matmul over all rows (no profiler).
+
+    For ``tokens`` tokens routed top-k at random (softmax of Gaussian logits) over the model's experts, times
+    :func:`engine_kernels.grouped_gemm.grouped_mm_torch` for the six forward products of a LoRA'd expert layer
+    (``gate_up`` and ``down``: base ``[E, out, in]``, LoRA A ``[E, r, in]``, LoRA B ``[E, out, r]``) against one
+    ``torch.mm`` of all ``tokens * k`` rows with one expert's matrix (the same FLOPs, no loop): what looping over
+    the experts costs beyond the arithmetic. Median of ``repeats`` after one warm-up.
+
+    Returns:
+        ``{"rows", "experts", "loop_ms", "single_mm_ms", "ratio", "products": [...]}``.
+    """
+    import statistics
+
+    import torch
+    from transformers import AutoConfig
+
+    from engine_kernels.grouped_gemm import grouped_mm_torch
+
+    c = AutoConfig.from_pretrained(model)
+    e = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None)
+    h, k = c.hidden_size, c.num_experts_per_tok
+    i = getattr(c, "moe_intermediate_size", None) or c.intermediate_size
+    dt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    index = torch.topk(torch.randn(tokens, e, generator=g), k, dim=-1).indices.reshape(-1)
+    sizes = tuple(torch.bincount(index, minlength=e).tolist())
+    rows = tokens * k
+    products = []
+    shapes = (("gate_up base", 2 * i, h), ("gate_up lora_A", lora_r, h), ("gate_up lora_B", 2 * i, lora_r),
+              ("down base", h, i), ("down lora_A", lora_r, i), ("down lora_B", h, lora_r))
+    for name, n_out, n_in in shapes:
+        x = torch.randn(rows, n_in, generator=g).to(dt)
+        w = torch.randn(e, n_out, n_in, generator=g).to(dt)
+
+        def timed(fn):
+            fn()
+            out = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+            return statistics.median(out) * 1000.0
+
+        loop_ms = timed(lambda: grouped_mm_torch(x, w, sizes))
+        single_ms = timed(lambda: torch.mm(x, w[0].T))
+        products.append({"product": name, "out": n_out, "in": n_in, "loop_ms": loop_ms, "single_mm_ms": single_ms})
+    loop = sum(p["loop_ms"] for p in products)
+    single = sum(p["single_mm_ms"] for p in products)
+    return {"rows": rows, "experts": e, "tokens": tokens, "dtype": dtype, "threads": torch.get_num_threads(),
+            "loop_ms": loop, "single_mm_ms": single, "ratio": loop / single if single else None, "products": products}
+
+
 def make_loop_profile_callback(step: int | None):
     """A TrainerCallback that profiles optimizer step ``step`` (0-based) with Python stacks and keeps
     :func:`expert_loop_share` of it."""
@@ -565,6 +618,12 @@ def family_markdown(family: str, cfg: MoEBenchConfig, block: dict) -> str:
                       f"CPU grouped matmul {loop['loop_ms']:.0f} ms of {loop['step_ms']:.0f} ms ({loop['share']:.0%}; "
                       f"{loop['loop_calls']} loop calls, {loop['mm_calls']} torch.mm calls taking "
                       f"{loop['loop_mm_ms']:.0f} ms)", ""]
+    over = block.get("loop_overhead")
+    if over:
+        lines += [f"Per-expert loop vs one matmul, the six forward products of one sparse layer ({over['tokens']} "
+                  f"tokens, {over['rows']} routed rows over {over['experts']} experts, {over['dtype']}, "
+                  f"{over['threads']} threads, no profiler): {over['loop_ms']:.2f} ms looped, "
+                  f"{over['single_mm_ms']:.2f} ms as one torch.mm each ({over['ratio']:.2f}x)", ""]
     prof = ["| side | step (ms) | matmul | attention | elementwise | Python/framework |",
             "|---|---:|---:|---:|---:|---:|"]
     for side, r in block["reports"].items():
@@ -617,7 +676,9 @@ def main(argv=None) -> dict:
                 if "failed" not in metrics[s]:
                     metrics[s]["tokens_per_s_rounds"] = [metrics_of(r, args.warmup_steps).get("tokens_per_s")
                                                          for r in rounds[s]]
-            results[family] = {"config": bench_config(args, family).as_dict(), "metrics": metrics,
+            cfg = bench_config(args, family)
+            overhead = loop_overhead(cfg.model, args.seq_len * args.batch_size, cfg.dtype, cfg.lora_r)
+            results[family] = {"config": cfg.as_dict(), "metrics": metrics, "loop_overhead": overhead,
                                "headline": headline(metrics), "reports": reports,
                                "rounds": {s: [metrics_of(r, args.warmup_steps) for r in rounds[s]] for s in sides}}
     result = {"families": results, "sides": {s: SIDES[s][0] for s in sides}, "warmup_steps": args.warmup_steps,

@@ -58,6 +58,9 @@ def test_moe_benchmark_runs_engine_and_hf_on_a_tiny_model(tmp_path, monkeypatch)
     first = [block["reports"][s]["step_records"][0]["loss"] for s in ("engine-no-ckpt", "hf-grouped-mm")]
     assert first[0] == pytest.approx(first[1], rel=0.05), first
     assert block["headline"][0]["hf_side"] == "hf-grouped-mm"
+    over = block["loop_overhead"]
+    assert over["rows"] == 128 * 2 and over["experts"] == 8 and len(over["products"]) == 6
+    assert over["loop_ms"] > 0 and over["single_mm_ms"] > 0
     saved = json.loads((tmp_path / "tiny.json").read_text())
     hf_report = saved["families"]["qwen3_moe"]["reports"]["hf-grouped-mm"]
     assert hf_report["experts_implementation"] == "grouped_mm"
