@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/moe.py                                  # both families, every side (~10 min on 2 CPU cores)
+    python benchmarks/moe.py --rounds 2                       # both families, 4 sides, 2 rounds (41 min on 2 busy CPU cores)
     python benchmarks/moe.py --families qwen3_moe --max-steps 6 --sides engine,hf-grouped-mm
 
 Each family is a small random model built by transformers (:data:`SHAPES`: Qwen3-MoE-like and Mixtral-like,
