@@ -60,7 +60,7 @@ def test_engine_and_hugging_face_kernels_coexist_and_bitsandbytes_prints_nothing
         assert both.returncode == 0, both.stderr[-3000:]
         kernels_file = Path(both.stdout.split("KERNELS_FILE ")[1].split()[0])
         assert _is_hugging_faces(kernels_file), kernels_file
-        assert "ENGINE_OPS 17 ROWS 2000" in both.stdout
+        assert "ENGINE_OPS 19 ROWS 2000" in both.stdout
         extra = set(both.stderr.splitlines()) - set(alone.stderr.splitlines())
         assert not extra, f"importing the engine made bitsandbytes print more (from {cwd}): {sorted(extra)}"
         assert str(ROOT / "kernels") not in both.stderr
