@@ -24,20 +24,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engine_kernels.grouped_gemm import RowBuckets, _grouped_mm_loop  # noqa: E402
+from engine_kernels.grouped_gemm import RowBuckets, _grouped_mm_loop, _weight_grad_loop  # noqa: E402
 
 #: (in features K, out features N): LoRA factors (rank 16) and base projections of a small MoE.
 SHAPES = ((512, 16), (16, 1024), (512, 1024), (512, 512))
-
-
-def _weight_grad(dy, x, sizes):
-    dw = dy.new_zeros(len(sizes), dy.shape[1], x.shape[1])
-    start = 0
-    for g, size in enumerate(sizes):
-        if size:
-            torch.mm(dy[start:start + size].T, x[start:start + size], out=dw[g])
-        start += size
-    return dw
 
 
 def _sides(w):
@@ -49,11 +39,11 @@ def _sides(w):
         return b.unpad(_grouped_mm_loop(b.pad(x), w, b.sizes, True))
 
     def wgrad_plain(x, dy, sizes):
-        return _weight_grad(dy, x, sizes)
+        return _weight_grad_loop(dy, x, sizes)
 
     def wgrad_bucketed(x, dy, sizes):
         b = RowBuckets(sizes, x.device)
-        return _weight_grad(b.pad(dy), b.pad(x), b.sizes)
+        return _weight_grad_loop(b.pad(dy), b.pad(x), b.sizes)
 
     return {"forward, exact rows": plain, "forward, padded rows": bucketed,
             "weight grad, exact rows": wgrad_plain, "weight grad, padded rows": wgrad_bucketed}

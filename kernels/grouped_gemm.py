@@ -120,6 +120,10 @@ def grouped_weight_grad_torch(dy: torch.Tensor, x: torch.Tensor, sizes: tuple[in
     if _bucketed(dy):  # zero rows add nothing to dy_g.T @ x_g
         buckets = RowBuckets(sizes, dy.device)
         dy, x, sizes = buckets.pad(dy), buckets.pad(x), buckets.sizes
+    return _weight_grad_loop(dy, x, sizes)
+
+
+def _weight_grad_loop(dy: torch.Tensor, x: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     dw = dy.new_zeros(len(sizes), dy.shape[1], x.shape[1])
     start = 0
     for g, size in enumerate(sizes):
